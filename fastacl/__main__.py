@@ -1,0 +1,3 @@
+from fastacl.cli import main
+
+raise SystemExit(main())

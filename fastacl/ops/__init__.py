@@ -1,0 +1,19 @@
+"""fastacl.ops: functional, autograd-capable ops with Triton / C++ / PyTorch paths.
+
+See fastacl/ops/_dispatch.py for how a path is chosen (FASTACL_BACKEND, use_backend).
+"""
+
+from fastacl.ops._dispatch import BACKENDS, requested_backend, use_backend
+from fastacl.ops._extension import extension_status
+from fastacl.ops.nt_xent import nt_xent
+from fastacl.ops.sir_air import air, sir
+
+__all__ = [
+    "BACKENDS",
+    "air",
+    "extension_status",
+    "nt_xent",
+    "requested_backend",
+    "sir",
+    "use_backend",
+]
