@@ -31,6 +31,63 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# Help text and value type of every TrainConfig field that the command exposes.
+_TRAIN_OPTIONS = {
+    "method": (str, "cl | acl | acl-air | dynacl | dynacl-air (default acl)"),
+    "preset": (str, "demo | paper (default: demo without --dataset, paper with one)"),
+    "dataset": (str, "mnist5k (embedded demo) | cifar10 | cifar100 | stl10 | imagefolder"),
+    "data_dir": (str, "folder holding the dataset files (see `fastacl.data.load_dataset`)"),
+    "model": (str, "resnet18 | resnet18-small"),
+    "epochs": (int, "number of epochs E (schedules scale with E)"),
+    "batch_size": (int, "global batch size N (2N views)"),
+    "lr": (float, "LARS base learning rate"),
+    "weight_decay": (float, "LARS weight decay"),
+    "warmup_epochs": (int, "LR warm-up epochs (default E/100, at least 1)"),
+    "eps": (float, "l_inf attack budget in [0, 1] pixel units (paper 8/255 = 0.0314)"),
+    "step_size": (float, "PGD step size"),
+    "attack_steps": (int, "PGD steps"),
+    "temperature": (float, "NT-Xent / SIR / AIR temperature"),
+    "lambda1": (float, "SIR weight (default 0.5 for the AIR methods, else 0)"),
+    "lambda2": (float, "AIR weight (default 0.5 for the AIR methods, else 0)"),
+    "air_form": (str, "exact | reference-code"),
+    "dynaug_period": (int, "DynAug period K in epochs (default E/20)"),
+    "interpolation": (str, "bicubic | bilinear (RandomResizedCrop)"),
+    "precision": (str, "fp32 | bf16 (autocast on CUDA)"),
+    "seed": (int, "random seed"),
+    "device": (str, "auto | cpu | cuda | cuda:N"),
+    "out_dir": (str, "run directory (default runs/<method>-<dataset>-<timestamp>)"),
+    "max_train": (int, "use only the first N training images"),
+    "eval_epochs": (int, "epochs of the closing linear-probe evaluation"),
+    "eval_max_test": (int, "test images for the closing evaluation"),
+    "eval_eps": (float, "attack budget of the closing evaluation (default: --eps)"),
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import fastacl.train as fastacl_train
+
+    overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS
+                 if getattr(args, name) is not None}
+    for flag in ("channels_last", "evaluate", "clip_random_start"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    if args.resume:
+        result = fastacl_train.train(resume=args.resume, **overrides)
+    else:
+        result = fastacl_train.train(**overrides)
+    summary = result.summary
+    if summary.get("interrupted"):
+        return 130
+    if "standard_accuracy" in summary:
+        print("\n| method | dataset | epochs | standard acc. | robust acc. | attack | images/s |")
+        print("|---|---|---|---|---|---|---|")
+        print(f"| {summary['method']} | {summary['dataset']} | {summary['epochs']} | "
+              f"{100 * summary['standard_accuracy']:.2f}% | "
+              f"{100 * summary['robust_accuracy']:.2f}% "
+              f"| {summary['attack']} | {summary['images_per_second']:.1f} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastacl",
@@ -41,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="versions, device, backend and how the C++ extension was loaded"
     )
     info.set_defaults(func=_info)
+
+    train = commands.add_parser(
+        "train", help="pre-train an encoder (no arguments: the demo on the embedded MNIST sample)"
+    )
+    for name, (kind, text) in _TRAIN_OPTIONS.items():
+        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format")
+    train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                       help="quick SLF + PGD-20 evaluation at the end (default on)")
+    train.add_argument("--clip-random-start", action=argparse.BooleanOptionalAction,
+                       default=None, help="clip the PGD random start to [0, 1] (default on; "
+                       "--no-clip-random-start reproduces the published code)")
+    train.add_argument("--resume", metavar="DIR", default=None,
+                       help="continue the run in DIR from its last checkpoint")
+    train.set_defaults(func=_train)
     return parser
 
 
@@ -50,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        # Bad input: say what is wrong, without a traceback.
+        print(f"fastacl: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,1 +1,80 @@
-"""Models: ResNet-18 with dual batch norm, projection head, BN converter, checkpoints."""
+"""Models: ResNet-18 with dual batch norm, projection head, BN converter, checkpoints.
+
+    model = fastacl.models.build_model("resnet18")            # paper model, dual BN
+    z_adv = model(x_adv, branch="adv")                        # projection through the adv BNs
+    h = model(x, branch="normal", return_features=True)       # 512-d backbone features
+    encoder = fastacl.models.encoder_from_branch(model, "adv")  # single-BN copy for downstream
+    fastacl.models.save_checkpoint("run/last.pt", model, method="acl", encoder_branch="adv")
+"""
+
+from fastacl.models.checkpoint import (
+    CHECKPOINT_FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    StateDictMismatchError,
+    build_model_from_checkpoint,
+    check_weights_only_safe,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    unwrap_model,
+)
+from fastacl.models.dual_bn import (
+    BRANCHES,
+    Branch,
+    DualBatchNorm,
+    DualBatchNorm1d,
+    DualBatchNorm2d,
+    bn_branch,
+    check_branch,
+    convert_to_dual_bn,
+    dual_bn_modules,
+    encoder_from_branch,
+    has_dual_bn,
+)
+from fastacl.models.published import (
+    build_model_from_published,
+    export_published_state_dict,
+    import_published_state_dict,
+)
+from fastacl.models.resnet import (
+    MODEL_PRESETS,
+    ContrastiveResNet18,
+    ProjectionHead,
+    ResNet18Backbone,
+    build_model,
+    resnet18_acl,
+)
+
+__all__ = [
+    "BRANCHES",
+    "CHECKPOINT_FORMAT",
+    "FORMAT_VERSION",
+    "MODEL_PRESETS",
+    "Branch",
+    "CheckpointError",
+    "ContrastiveResNet18",
+    "DualBatchNorm",
+    "DualBatchNorm1d",
+    "DualBatchNorm2d",
+    "ProjectionHead",
+    "ResNet18Backbone",
+    "StateDictMismatchError",
+    "bn_branch",
+    "build_model",
+    "build_model_from_checkpoint",
+    "build_model_from_published",
+    "check_branch",
+    "check_weights_only_safe",
+    "convert_to_dual_bn",
+    "dual_bn_modules",
+    "encoder_from_branch",
+    "export_published_state_dict",
+    "has_dual_bn",
+    "import_published_state_dict",
+    "load_checkpoint",
+    "load_state_dict_strict",
+    "resnet18_acl",
+    "save_checkpoint",
+    "unwrap_model",
+]

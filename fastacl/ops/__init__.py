@@ -6,6 +6,7 @@ See fastacl/ops/_dispatch.py for how a path is chosen (FASTACL_BACKEND, use_back
 from fastacl.ops._dispatch import BACKENDS, requested_backend, use_backend
 from fastacl.ops._extension import extension_status
 from fastacl.ops.nt_xent import nt_xent
+from fastacl.ops.pgd_step import pgd_step_
 from fastacl.ops.sir_air import air, sir
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "air",
     "extension_status",
     "nt_xent",
+    "pgd_step_",
     "requested_backend",
     "sir",
     "use_backend",

@@ -1,0 +1,139 @@
+"""NT-Xent on the GPU, forward + backward: the tiled Triton op ("ours") against the plain PyTorch
+formulation ("torch": nt_xent_reference under autograd, the 2N x 2N logits in memory).
+
+    python -m pytest benchmarks/bench_nt_xent.py      pytest-benchmark; skips without CUDA
+    python benchmarks/bench_nt_xent.py                a table (triton.testing.do_bench medians)
+
+Peak memory is what one forward + backward allocates above the inputs (torch.cuda peak stats),
+in benchmark.extra_info["peak_mib"]. fp32 runs are full fp32 on both sides (no TF32) unless
+torch.backends.cuda.matmul.allow_tf32 is set, which the kernels follow. No CPU suite: the CPU
+path is the plain formulation itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastacl import ops
+from fastacl.ops.nt_xent import nt_xent_reference
+
+SIZES = [(n, d) for n in (512, 4096, 16384) for d in (128, 512)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TEMPERATURE = 0.5
+
+
+def _ours(z1, z2):
+    with ops.use_backend("triton"):  # forward and backward both on the kernels
+        ops.nt_xent(z1, z2, TEMPERATURE).backward()
+
+
+def _torch(z1, z2):
+    nt_xent_reference(z1, z2, TEMPERATURE).backward()
+
+
+IMPLEMENTATIONS = {"ours": _ours, "torch": _torch}
+
+
+def _inputs(n, d, dtype):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    return [
+        torch.randn(n, d, device="cuda", dtype=dtype, generator=generator).requires_grad_()
+        for _ in range(2)
+    ]
+
+
+def _step(implementation, z1, z2):
+    """One forward + backward, from no gradients (the same allocations every call)."""
+
+    def step():
+        z1.grad = z2.grad = None
+        implementation(z1, z2)
+
+    return step
+
+
+def _peak_mib(step) -> float:
+    step()  # warm-up: compile the kernels outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("n, d", SIZES, ids=[f"N{n}-d{d}" for n, d in SIZES])
+def test_nt_xent_forward_backward(benchmark, implementation, dtype, n, d):
+    z1, z2 = _inputs(n, d, DTYPES[dtype])
+    step = _step(IMPLEMENTATIONS[implementation], z1, z2)
+    try:
+        peak_mib = _peak_mib(step)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{implementation} at N={n}, d={d}, {dtype} does not fit on this GPU")
+
+    def synchronized_step():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name(),
+        implementation=implementation,
+        n=n,
+        d=d,
+        dtype=dtype,
+        peak_mib=round(peak_mib, 1),
+    )
+    benchmark.pedantic(synchronized_step, rounds=10, warmup_rounds=2)
+
+
+def main() -> None:
+    import datetime
+    import subprocess
+
+    import triton.testing
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_nt_xent needs a CUDA GPU")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"NT-Xent forward + backward, t = {TEMPERATURE}: {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}, triton {triton.__version__}, commit {commit or '?'}, "
+        f"{datetime.date.today()}"
+    )
+    header = ("dtype", "N", "d", "ms ours", "ms torch", "torch/ours", "MiB ours", "MiB torch")
+    print(" | ".join(f"{h:>9}" for h in header))
+    for dtype_name, dtype in DTYPES.items():
+        for n, d in SIZES:
+            ms, mib = {}, {}
+            for name, implementation in IMPLEMENTATIONS.items():
+                z1, z2 = _inputs(n, d, dtype)
+                step = _step(implementation, z1, z2)
+                try:
+                    mib[name] = _peak_mib(step)
+                    ms[name] = triton.testing.do_bench(step, return_mode="median")
+                except torch.cuda.OutOfMemoryError:
+                    ms[name] = mib[name] = float("nan")
+                del z1, z2, step
+                torch.cuda.empty_cache()
+            row = (
+                dtype_name,
+                n,
+                d,
+                ms["ours"],
+                ms["torch"],
+                ms["torch"] / ms["ours"],
+                mib["ours"],
+                mib["torch"],
+            )
+            print(" | ".join(f"{v:>9.3f}" if isinstance(v, float) else f"{v:>9}" for v in row))
+
+
+if __name__ == "__main__":
+    main()

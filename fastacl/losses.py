@@ -1,0 +1,155 @@
+"""nn.Module forms of the fastacl losses, built on fastacl.ops.
+
+NTXentLoss is a drop-in for lightly's NTXentLoss (same constructor names, forward(out0, out1)).
+ACLLoss is the whole objective of one ACL / DynACL / AIR training step (spec/acl-air.md section 5).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fastacl import ops
+from fastacl.ops._checks import check_form, check_temperature
+
+
+class NTXentLoss(nn.Module):
+    """NT-Xent (SimCLR) loss of two views (spec section 4), as lightly's NTXentLoss computes it.
+
+    Args:
+        temperature: t > 0 dividing the cosine similarities.
+        gather_distributed: gather the embeddings of every rank for cross-rank negatives.
+    """
+
+    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False):
+        super().__init__()
+        self.temperature = check_temperature("NTXentLoss", temperature)
+        self.gather_distributed = gather_distributed
+
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        """out0, out1: [N, d], row k of each a positive pair. Returns the 0-d mean loss."""
+        return ops.nt_xent(
+            out0, out1, temperature=self.temperature, gather_distributed=self.gather_distributed
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
+
+
+class ACLLossResult(NamedTuple):
+    """`total` is the differentiable loss; the terms are detached 0-d tensors (unweighted, for
+    logging without a host sync); sir / air are None when their lambda is 0 (not computed)."""
+
+    total: torch.Tensor
+    natural: torch.Tensor
+    adversarial: torch.Tensor
+    sir: torch.Tensor | None
+    air: torch.Tensor | None
+
+
+def _check_weight(name: str, value: float, low: float, high: float | None) -> float:
+    value = float(value)
+    in_range = value >= low and (high is None or value < high)  # also rejects NaN
+    if not in_range:
+        expected = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"ACLLoss: {name} must be {expected}, got {value}")
+    return value
+
+
+class ACLLoss(nn.Module):
+    """The ACL / DynACL / AIR training objective (spec section 5):
+
+        L = (1 - w) NTX(z1, z2) + (1 + w) NTX(z1_adv, z2_adv) + lambda1 SIR + lambda2 AIR
+
+    ACL: w = 0, lambdas 0. DynACL: set `weight_w` each epoch to w(e) = (2/3)(1 - s(e)).
+    ACL-AIR / DynACL-AIR: lambda1 = lambda2 = 0.5. The sum is NOT halved as in the original ACL
+    code: under LARS (a per-tensor trust ratio) a constant factor on the loss is immaterial.
+
+    Args:
+        weight_w: w in [0, 1), the shift of weight from the natural to the adversarial NT-Xent.
+        lambda1, lambda2: >= 0, the weights of SIR and AIR.
+        temperature: t of NT-Xent and of the SIR / AIR batch softmaxes.
+        form: "exact" | "reference-code", the SIR / AIR form (see fastacl.ops.sir).
+    """
+
+    def __init__(
+        self,
+        weight_w: float = 0.0,
+        lambda1: float = 0.0,
+        lambda2: float = 0.0,
+        temperature: float = 0.5,
+        form: str = "exact",
+    ):
+        super().__init__()
+        self.weight_w = weight_w
+        self.lambda1 = lambda1
+        self.lambda2 = lambda2
+        self.temperature = check_temperature("ACLLoss", temperature)
+        self.form = check_form("ACLLoss", form)
+
+    # Validated on every assignment, so that a per-epoch DynACL update cannot set a bad value.
+    @property
+    def weight_w(self) -> float:
+        return self._weight_w
+
+    @weight_w.setter
+    def weight_w(self, value: float) -> None:
+        self._weight_w = _check_weight("weight_w", value, 0.0, 1.0)
+
+    @property
+    def lambda1(self) -> float:
+        return self._lambda1
+
+    @lambda1.setter
+    def lambda1(self, value: float) -> None:
+        self._lambda1 = _check_weight("lambda1", value, 0.0, None)
+
+    @property
+    def lambda2(self) -> float:
+        return self._lambda2
+
+    @lambda2.setter
+    def lambda2(self, value: float) -> None:
+        self._lambda2 = _check_weight("lambda2", value, 0.0, None)
+
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        z_orig: torch.Tensor | None,
+        z1_adv: torch.Tensor,
+        z2_adv: torch.Tensor,
+    ) -> ACLLossResult:
+        """z1, z2: natural views i, j; z_orig: originals (None allowed when both lambdas are 0);
+        z1_adv, z2_adv: adversarial views. All [N, d] projection-head outputs."""
+        if (self.lambda1 > 0 or self.lambda2 > 0) and z_orig is None:
+            raise ValueError(
+                f"ACLLoss: z_orig (the projections of the original images) is needed when "
+                f"lambda1 or lambda2 > 0, got lambda1={self.lambda1}, lambda2={self.lambda2}"
+            )
+        t = self.temperature
+        natural = ops.nt_xent(z1, z2, temperature=t)
+        adversarial = ops.nt_xent(z1_adv, z2_adv, temperature=t)
+        total = (1 - self.weight_w) * natural + (1 + self.weight_w) * adversarial
+        sir = air = None
+        if self.lambda1 > 0:
+            sir = ops.sir(z1, z2, z_orig, temperature=t, form=self.form)
+            total = total + self.lambda1 * sir
+        if self.lambda2 > 0:
+            air = ops.air(z1, z2, z_orig, z1_adv, z2_adv, temperature=t, form=self.form)
+            total = total + self.lambda2 * air
+        return ACLLossResult(
+            total=total,
+            natural=natural.detach(),
+            adversarial=adversarial.detach(),
+            sir=None if sir is None else sir.detach(),
+            air=None if air is None else air.detach(),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight_w={self.weight_w}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
+            f"temperature={self.temperature}, form={self.form!r}"
+        )

@@ -1,0 +1,503 @@
+"""fastacl.train: robust contrastive pre-training (ACL, DynACL, ACL-AIR, DynACL-AIR) and the
+non-robust SimCLR baseline ("cl"). Spec: spec/acl-air.md sections 1-6.
+
+One step reads top to bottom in `train_step`: two augmented views on the device, PGD on the
+contrastive loss through the "adv" BN branch with input-only gradients, the train-mode forwards,
+ACLLoss, LARS. Everything else here is bookkeeping: presets, schedules, checkpoints, resume, logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHODS = ("cl", "acl", "acl-air", "dynacl", "dynacl-air")
+PRESETS = ("demo", "paper")
+PAPER_DATASETS = ("cifar10", "cifar100", "stl10")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Preset values; an explicit argument (anything not None) overrides them.
+_PRESET_VALUES: dict[str, dict[str, Any]] = {
+    # The published recipe (spec sections 3 and 5).
+    "paper": dict(
+        dataset="cifar10", model="resnet18", epochs=1000, batch_size=512, lr=5.0,
+        eps=8 / 255, step_size=2 / 255, attack_steps=5, eval_epochs=25, eval_max_test=None,
+    ),
+    # The embedded MNIST sample on a small ResNet-18, sized to finish with its evaluation within
+    # 10 minutes on a 2-core CPU. eps 0.15 is an MNIST-sized budget (8/255 is meaningless there).
+    "demo": dict(
+        dataset="mnist5k", model="resnet18-small", epochs=5, batch_size=128, lr=5.0,
+        eps=0.15, step_size=0.05, attack_steps=5, eval_epochs=20, eval_max_test=500,
+    ),
+}
+
+# Loss weights per method (spec section 5): w is per epoch for DynACL, lambda1 = lambda2 = 0.5
+# for the AIR variants.
+_METHOD_LAMBDAS = {"cl": 0.0, "acl": 0.0, "dynacl": 0.0, "acl-air": 0.5, "dynacl-air": 0.5}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. None means "from the preset" (see `resolve`)."""
+
+    method: str = "acl"
+    dataset: str | None = None
+    data_dir: str | None = None
+    preset: str | None = None  # "demo" | "paper"; None: "demo" without a dataset, else "paper"
+    model: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None  # global batch (N images, 2N views)
+    lr: float | None = None  # LARS base lr
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lars_eta: float = 0.001
+    min_lr: float = 1e-6
+    warmup_epochs: int | None = None  # default max(1, round(E / 100))
+    eps: float | None = None
+    step_size: float | None = None
+    attack_steps: int | None = None
+    clip_random_start: bool = True  # False reproduces the published (unclipped) random start
+    temperature: float = 0.5
+    lambda1: float | None = None  # SIR weight; default from the method
+    lambda2: float | None = None  # AIR weight; default from the method
+    air_form: str = "exact"  # "exact" | "reference-code"
+    dynaug_period: int | None = None  # default max(1, round(E / 20))
+    interpolation: str = "bicubic"
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast, CUDA only)
+    channels_last: bool = False
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str | None = None
+    max_train: int | None = None  # use only the first N training images (quick runs, tests)
+    evaluate: bool = True  # quick SLF + PGD evaluation at the end
+    eval_epochs: int | None = None
+    eval_max_test: int | None = None
+    eval_eps: float | None = None  # default: the training eps
+
+    def resolve(self) -> TrainConfig:
+        """A copy with the preset, method defaults and epoch-relative schedules filled in."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        preset = self.preset or ("demo" if self.dataset in (None, "mnist5k") else "paper")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in _PRESET_VALUES[preset].items():
+            if values[key] is None:
+                values[key] = value
+        values["preset"] = preset
+        cfg = TrainConfig(**values)
+        from fastacl.data import DATASETS
+
+        if cfg.dataset not in DATASETS:
+            raise ValueError(
+                f"unknown dataset {cfg.dataset!r}; choose one of {', '.join(DATASETS)}"
+            )
+        if cfg.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+        if cfg.batch_size < 2:
+            raise ValueError(
+                f"batch_size must be >= 2 (NT-Xent needs negatives), got {cfg.batch_size}"
+            )
+        if cfg.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+        if cfg.air_form not in ("exact", "reference-code"):
+            raise ValueError(f"air_form must be 'exact' or 'reference-code', got {cfg.air_form!r}")
+        default_lambda = _METHOD_LAMBDAS[cfg.method]
+        cfg.lambda1 = default_lambda if cfg.lambda1 is None else cfg.lambda1
+        cfg.lambda2 = default_lambda if cfg.lambda2 is None else cfg.lambda2
+        # Spec section 5: schedules scale with E so a short run keeps the published shape.
+        cfg.warmup_epochs = cfg.warmup_epochs or max(1, round(cfg.epochs / 100))
+        cfg.dynaug_period = cfg.dynaug_period or max(1, round(cfg.epochs / 20))
+        cfg.eval_eps = cfg.eps if cfg.eval_eps is None else cfg.eval_eps
+        if cfg.device == "auto":
+            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cfg
+
+    @property
+    def is_adversarial(self) -> bool:
+        return self.method != "cl"
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.method.startswith("dynacl")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path
+    config: TrainConfig
+    summary: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def augmentation_strength(cfg: TrainConfig, epoch: int) -> float:
+    """s(e): 1 for ACL, the DynAug staircase for DynACL (spec section 1). epoch is 1-based."""
+    if not cfg.is_dynamic:
+        return 1.0
+    from fastacl.data import dynaug_strength
+
+    return dynaug_strength(epoch, cfg.epochs, period=cfg.dynaug_period)
+
+
+def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, attack_generator):
+    """One training step on a batch; returns the loss terms as detached 0-d tensors."""
+    from fastacl.attacks import pgd_contrastive
+    from fastacl.ops import nt_xent
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
+                              and x1.is_cuda)
+    if not cfg.is_adversarial:
+        with autocast:
+            z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
+            terms = {"total": nt_xent(z1, z2, cfg.temperature)}
+    else:
+        # The attack puts the model in eval mode and computes input gradients only.
+        x1_adv, x2_adv = pgd_contrastive(
+            model, x1, x2, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+            branch="adv", generator=attack_generator, temperature=cfg.temperature,
+            clip_random_start=cfg.clip_random_start,
+            autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" and x1.is_cuda else None,
+        )
+        with autocast:
+            z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), branch="adv").float().chunk(2)
+            z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
+            # The originals' pass is needed by SIR / AIR only.
+            z_orig = (model(x_orig, branch="normal").float()
+                      if loss_fn.lambda1 > 0 or loss_fn.lambda2 > 0 else None)
+        terms = loss_fn(z1, z2, z_orig, z1_adv, z2_adv)._asdict()
+    optimizer.zero_grad(set_to_none=True)
+    terms["total"].backward()
+    optimizer.step()
+    return {name: value.detach() for name, value in terms.items() if value is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Run bookkeeping
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) asks the loop to stop after the current step, so the checkpoint it then
+    writes holds a consistent model / optimiser / RNG state (never a half-applied update)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum=None, frame=None) -> None:
+        if self.requested:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nfastacl: stopping after this step and writing a checkpoint "
+              "(Ctrl-C again aborts without one)", file=sys.stderr)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+            capture_output=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict:
+    import numpy
+
+    import fastacl
+
+    return {"fastacl": fastacl.__version__, "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "git_commit": _git_commit(),
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def _default_out_dir(cfg: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{cfg.method}-{cfg.dataset}-{stamp}"
+    suffix = 1
+    while path.exists():  # two runs started in the same second must not collide
+        suffix += 1
+        path = Path("runs") / f"{cfg.method}-{cfg.dataset}-{stamp}-{suffix}"
+    return path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state(data_generator: torch.Generator, attack_generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "data": data_generator.get_state(),
+             "attack": attack_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, data_generator, attack_generator) -> None:
+    torch.set_rng_state(state["torch"])
+    data_generator.set_state(state["data"])
+    attack_generator.set_state(state["attack"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    # A bar on a terminal; plain log lines (written by the loop) otherwise.
+    return tqdm(total=total, desc=desc, unit="step", disable=not sys.stderr.isatty(),
+                dynamic_ncols=True, leave=False)
+
+
+def _prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out_dir) if cfg.out_dir else _default_out_dir(cfg)
+    if out.exists() and any((out / name).exists() for name in ("config.json", CHECKPOINT_NAME)):
+        raise FileExistsError(
+            f"{out} already holds a run; pass resume={str(out)!r} (--resume {out}) to continue "
+            "it, or choose another out dir"
+        )
+    return out
+
+
+def _load_resume(resume_dir: str | os.PathLike, overrides: dict) -> tuple[TrainConfig, dict]:
+    from fastacl.models import load_checkpoint
+
+    path = Path(resume_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {path} does not exist (is {resume_dir} a run dir?)"
+        )
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint.get("extra", {}).get("train_state")
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise ValueError(f"cannot resume from {path}: it is not a fastacl.train checkpoint")
+    cfg = TrainConfig(**saved["config"])
+    for key, value in overrides.items():
+        if getattr(cfg, key) != value:
+            raise ValueError(
+                f"cannot change {key} on resume (run has {getattr(cfg, key)!r}, got {value!r}); "
+                "a resumed run continues with its saved config"
+            )
+    return cfg, checkpoint
+
+
+def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None = None,
+          on_step: Callable[[int, int, dict], bool] | None = None, **overrides) -> TrainResult:
+    """Pre-train an encoder. `fastacl.train(method="acl-air", dataset="cifar10", epochs=100)`.
+
+    config: a TrainConfig (or None for the defaults); overrides: TrainConfig fields.
+    resume: a run dir; continues from its checkpoint with its saved config.
+    on_step(epoch, step, terms): called after every step; returning True stops the run as Ctrl-C
+    does (a checkpoint is written, the run can be resumed). Used by tests and tools.
+    """
+    field_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - field_names)
+    if unknown:
+        raise TypeError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(field_names)}")
+    checkpoint = None
+    if resume is not None:
+        cfg, checkpoint = _load_resume(resume, overrides)
+        out = Path(resume)
+    else:
+        cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolve()
+        out = _prepare_out_dir(cfg)
+    return _run(cfg, out, checkpoint, on_step)
+
+
+def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> TrainResult:
+    from fastacl.data import DeviceDataset, load_dataset
+    from fastacl.losses import ACLLoss
+    from fastacl.models import build_model, save_checkpoint
+    from fastacl.optim import LARS, warmup_cosine_lr
+
+    device = torch.device(cfg.device)
+    # Load (and so validate) the data before anything is written.
+    images, _ = load_dataset(cfg.dataset, cfg.data_dir, split="train")
+    if cfg.max_train is not None:
+        images = images[: cfg.max_train]
+    n_images = images.shape[0]
+    steps_per_epoch = n_images // cfg.batch_size  # drop_last: NT-Xent wants full batches
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_images} training images")
+    # uint8 images resident on the device (pinned host memory if they do not fit); the views
+    # are augmented there in one batched call.
+    dataset = DeviceDataset(images, device=device)
+
+    torch.manual_seed(cfg.seed)
+    data_generator = torch.Generator().manual_seed(cfg.seed)  # augmentation draws (CPU)
+    attack_generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
+    model = build_model(
+        cfg.model, in_channels=images.shape[1], dual_bn=cfg.is_adversarial,
+        stem="stl" if images.shape[-1] >= 96 else "cifar",
+    ).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = LARS(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                     weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    loss_fn = ACLLoss(weight_w=0.0, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
+                      temperature=cfg.temperature, form=cfg.air_form)
+    total_iterations = cfg.epochs * steps_per_epoch
+    warmup_iterations = cfg.warmup_epochs * steps_per_epoch
+
+    start_epoch, start_step, sums = 1, 0, {}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["state_dict"])  # strict
+        state = checkpoint["extra"]["train_state"]
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"], data_generator, attack_generator)
+        start_epoch, start_step, sums = state["epoch"], state["step"], state["sums"]
+        print(f"fastacl: resuming {out} at epoch {start_epoch}, step {start_step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        saved = {"config": dataclasses.asdict(cfg), "versions": _versions(),
+                 "steps_per_epoch": steps_per_epoch, "train_images": n_images}
+        _atomic_write_text(out / "config.json", json.dumps(saved, indent=2))
+    print("fastacl: config\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def write_checkpoint(epoch: int, step: int) -> Path:
+        train_state = {"config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
+                       "rng": _rng_state(data_generator, attack_generator), "epoch": epoch,
+                       "step": step, "sums": sums}
+        return save_checkpoint(
+            out / CHECKPOINT_NAME, model, method=cfg.method,
+            encoder_branch="adv" if cfg.is_adversarial else "normal",
+            attack={"norm": "linf", "eps": cfg.eps, "step_size": cfg.step_size,
+                    "steps": cfg.attack_steps},
+            dataset=cfg.dataset, train_state=train_state,
+        )
+
+    checkpoint_path = out / CHECKPOINT_NAME
+    stop = _StopRequest()
+    previous_handler = signal.signal(signal.SIGINT, stop)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            strength = augmentation_strength(cfg, epoch)
+            # DynACL: w(e) = (2/3)(1 - s(e)) shifts weight towards the adversarial term.
+            loss_fn.weight_w = (2 / 3) * (1 - strength) if cfg.is_dynamic else 0.0
+            # The epoch's shuffle depends only on (seed, epoch): a resumed run finds its place.
+            shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+            batches = itertools.islice(dataset.batches(cfg.batch_size, shuffle), start_step, None)
+            bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+            bar.update(start_step)
+            model.train()
+            epoch_start = time.perf_counter()
+            for step, index in enumerate(batches, start=start_step):
+                iteration = (epoch - 1) * steps_per_epoch + step
+                lr = warmup_cosine_lr(iteration, total_iterations, warmup_iterations, cfg.lr,
+                                      cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x1, x2, x_orig = dataset.views(index, strength, data_generator, cfg.interpolation)
+                if cfg.channels_last:
+                    x1, x2, x_orig = (t.contiguous(memory_format=torch.channels_last)
+                                      for t in (x1, x2, x_orig))
+                terms = train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg,
+                                   attack_generator)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
+                sums["steps"] = sums.get("steps", 0) + 1
+                bar.set_postfix(loss=f"{float(terms['total']):.4f}", lr=f"{lr:.3g}")
+                bar.update(1)
+                if on_step is not None and on_step(epoch, step, terms):
+                    stop()
+                if stop.requested:
+                    bar.close()
+                    path = write_checkpoint(epoch, step + 1)
+                    print(f"fastacl: interrupted; checkpoint {path}; continue with "
+                          f"`fastacl train --resume {out}`")
+                    return TrainResult(out, path, cfg, {"interrupted": True})
+            bar.close()
+            seconds = time.perf_counter() - epoch_start
+            done = steps_per_epoch - start_step
+            last_lr = warmup_cosine_lr(epoch * steps_per_epoch - 1, total_iterations,
+                                       warmup_iterations, cfg.lr, cfg.min_lr)
+            record = {"epoch": epoch, "lr": last_lr, "strength": strength, "w": loss_fn.weight_w,
+                      **{name: value / sums["steps"] for name, value in sums.items()
+                         if name != "steps"},
+                      "images_per_second": done * cfg.batch_size / max(seconds, 1e-9),
+                      "epoch_seconds": seconds}
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print("fastacl: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in record.items()), flush=True)
+            start_step, sums = 0, {}
+            checkpoint_path = write_checkpoint(epoch + 1, 0)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+
+    summary = _finish(cfg, out, model, checkpoint_path)
+    return TrainResult(out, checkpoint_path, cfg, summary)
+
+
+def _finish(cfg: TrainConfig, out: Path, model, checkpoint_path: Path) -> dict:
+    """The end of a run: quick evaluation, summary.json, curves.png."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_seconds = sum(r["epoch_seconds"] for r in records)
+    summary = {
+        "method": cfg.method, "dataset": cfg.dataset, "epochs": cfg.epochs,
+        "final_loss": records[-1]["total"],
+        "images_per_second": (sum(r["images_per_second"] * r["epoch_seconds"] for r in records)
+                              / max(train_seconds, 1e-9)),
+        "train_seconds": train_seconds, "checkpoint": str(checkpoint_path),
+    }
+    if cfg.evaluate:
+        from fastacl.finetune import quick_evaluation
+
+        summary.update(quick_evaluation(model, cfg))
+    _atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    plot_curves(records, out / "curves.png")
+    if "standard_accuracy" in summary:
+        print(f"fastacl: {cfg.method} on {cfg.dataset}: standard accuracy "
+              f"{100 * summary['standard_accuracy']:.2f}%, robust accuracy "
+              f"{100 * summary['robust_accuracy']:.2f}% ({summary['attack']})")
+    print(f"fastacl: run written to {out}")
+    return summary
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Each loss term, lr and augmentation strength per epoch, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    terms = [k for k in ("total", "natural", "adversarial", "sir", "air") if k in records[0]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name in terms:
+        axes[0].plot(epochs, [r[name] for r in records], marker=".", label=name)
+    axes[0].set_title("loss terms")
+    axes[0].legend()
+    axes[1].plot(epochs, [r["lr"] for r in records], marker=".")
+    axes[1].set_title("learning rate (end of epoch)")
+    axes[2].plot(epochs, [r["strength"] for r in records], marker=".", label="strength s")
+    axes[2].plot(epochs, [r["w"] for r in records], marker=".", label="w")
+    axes[2].set_title("augmentation strength and w")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,13 @@
+"""tests/data run their many small tensor ops on one intra-op thread: on a shared 2-core machine
+OpenMP threads contending with other processes made them 10-20x slower (measured)."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

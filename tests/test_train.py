@@ -1,0 +1,155 @@
+"""fastacl.train: presets and validation, resume equality, interruption, learning, paper preset."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastacl.train as fastacl_train
+from fastacl.models import load_checkpoint
+from fastacl.train import TrainConfig, augmentation_strength
+from tests.synthetic import make_cifar10
+
+# A run small enough for a unit test: 32 demo images, batches of 16, 1 PGD step.
+TINY = dict(max_train=32, batch_size=16, attack_steps=1, evaluate=False)
+
+
+def test_presets_and_epoch_relative_schedules():
+    demo = TrainConfig().resolve()
+    assert (demo.preset, demo.dataset, demo.model) == ("demo", "mnist5k", "resnet18-small")
+    paper = TrainConfig(method="dynacl-air", dataset="cifar10").resolve()
+    assert paper.preset == "paper"
+    assert (paper.model, paper.batch_size, paper.lr, paper.epochs) == ("resnet18", 512, 5.0, 1000)
+    assert (paper.eps, paper.step_size, paper.attack_steps) == (8 / 255, 2 / 255, 5)
+    # spec section 5: warm-up E/100 and DynAug period E/20 (10 and 50 at E = 1000)
+    assert (paper.warmup_epochs, paper.dynaug_period) == (10, 50)
+    assert (paper.lambda1, paper.lambda2) == (0.5, 0.5)
+    short = TrainConfig(dataset="cifar10", epochs=100, batch_size=64).resolve()
+    assert (short.warmup_epochs, short.dynaug_period, short.batch_size) == (1, 5, 64)
+    assert (short.lambda1, short.lambda2) == (0.0, 0.0)
+
+
+def test_dynaug_strength_and_w_follow_the_spec():
+    cfg = TrainConfig(method="dynacl", dataset="cifar10").resolve()
+    assert augmentation_strength(cfg, 1) == 1.0 and augmentation_strength(cfg, 50) == 1.0
+    assert augmentation_strength(cfg, 51) == pytest.approx(0.95)
+    assert augmentation_strength(cfg, 1000) == pytest.approx(0.05)
+    assert augmentation_strength(TrainConfig(dataset="cifar10").resolve(), 999) == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(method="simclr"), "unknown method 'simclr'.*cl, acl, acl-air, dynacl, dynacl-air"),
+        (dict(dataset="imagenet"), "unknown dataset 'imagenet'.*cifar10"),
+        (dict(preset="fast"), "unknown preset 'fast'.*demo, paper"),
+        (dict(batch_size=1), "batch_size must be >= 2"),
+        (dict(epochs=0), "epochs must be >= 1"),
+        (dict(precision="fp16"), "precision must be"),
+    ],
+)
+def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        fastacl_train.train(out_dir=str(out), **overrides)
+    assert not out.exists()
+
+
+def test_missing_data_dir_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        fastacl_train.train(dataset="cifar10", data_dir=str(tmp_path / "empty"), out_dir=str(out))
+    assert not out.exists()
+
+
+def test_unknown_override_names_the_valid_fields():
+    with pytest.raises(TypeError, match="unknown TrainConfig field.*'epoch'"):
+        fastacl_train.train(epoch=3)
+
+
+def _parameters(path):
+    return load_checkpoint(path)["state_dict"]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    common = dict(method="acl-air", epochs=2, seed=3, **TINY)
+    full = fastacl_train.train(out_dir=str(tmp_path / "full"), **common)
+
+    # Stop after the first step of epoch 2 (as Ctrl-C does), then resume.
+    stopped = fastacl_train.train(out_dir=str(tmp_path / "cut"),
+                                  on_step=lambda epoch, step, terms: (epoch, step) == (2, 0),
+                                  **common)
+    assert stopped.summary == {"interrupted": True}
+    state = load_checkpoint(stopped.checkpoint)["extra"]["train_state"]
+    assert (state["epoch"], state["step"]) == (2, 1)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        fastacl_train.train(out_dir=str(tmp_path / "cut"), **common)
+    resumed = fastacl_train.train(resume=tmp_path / "cut")
+
+    expected, actual = _parameters(full.checkpoint), _parameters(resumed.checkpoint)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_checkpoint_records_method_branch_and_budget(tmp_path):
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=1, **TINY)
+    checkpoint = load_checkpoint(result.checkpoint)
+    extra = checkpoint["extra"]
+    assert extra["method"] == "acl" and extra["encoder_branch"] == "adv"
+    assert extra["attack"]["eps"] == pytest.approx(0.15)
+    written = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert written == ["checkpoint.pt", "config.json", "curves.png", "metrics.jsonl",
+                       "summary.json"]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    for key in ("total", "natural", "adversarial", "lr", "strength", "w", "images_per_second",
+                "epoch_seconds"):
+        assert key in record
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["versions"]["torch"] == torch.__version__
+
+
+def test_cl_baseline_is_single_bn_and_records_the_normal_branch(tmp_path):
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), method="cl", epochs=1, **TINY)
+    extra = load_checkpoint(result.checkpoint)["extra"]
+    assert extra["encoder_branch"] == "normal"
+    assert not any("adv" in key for key in load_checkpoint(result.checkpoint)["state_dict"])
+
+
+@pytest.mark.slow
+def test_acl_air_loss_falls_over_a_few_epochs(tmp_path):
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), method="acl-air", epochs=4,
+                                 max_train=128, batch_size=32, attack_steps=2, evaluate=False)
+    lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    totals = [json.loads(line)["total"] for line in lines]
+    assert totals[-1] < totals[0] - 0.1, totals
+    terms = json.loads(lines[-1])
+    assert terms["sir"] != 0 and terms["air"] != 0
+
+
+@pytest.mark.slow
+def test_paper_preset_one_epoch_on_synthetic_cifar10(tmp_path):
+    make_cifar10(tmp_path / "data", n=64)
+    result = fastacl_train.train(
+        dataset="cifar10", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
+        epochs=1, batch_size=32, max_train=64, eval_epochs=1, eval_max_test=8,
+    )
+    assert result.config.model == "resnet18" and result.config.preset == "paper"
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    assert 0 <= summary["robust_accuracy"] <= summary["standard_accuracy"] <= 1
+    assert summary["attack"].startswith("pgd20")
+
+
+def test_cli_train_rejects_an_unknown_method(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastacl", "train", "--method", "bogus", "--out-dir",
+         str(tmp_path / "run")], capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "unknown method 'bogus'" in result.stderr
+    assert not (tmp_path / "run").exists()
