@@ -2,8 +2,9 @@
 //
 // The schemas live here, once. CPU kernels are registered with TORCH_LIBRARY_IMPL(fastacl, CPU);
 // CUDA kernels are plain launchers in .cu files, registered only when built against a CUDA torch
-// (see ARCHITECTURE.md). The RCS projection and greedy ops join this library; for now it holds
-// abi_version, which lets Python check that the loaded binary matches the sources it expects.
+// (see ARCHITECTURE.md). abi_version lets Python check that the loaded binary matches the sources
+// it expects. The RCS ops (spec/rcs.md sections 2-3) are documented in fastacl/ops/rcs.py; their
+// CPU kernels are in rcs.cpp, their CUDA kernels in cuda/.
 
 #include <Python.h>
 #include <torch/library.h>
@@ -11,7 +12,7 @@
 namespace fastacl {
 
 // Bump when an op's schema or semantics change, so a stale build is detected and rebuilt.
-constexpr int64_t kAbiVersion = 1;
+constexpr int64_t kAbiVersion = 2;
 
 int64_t abi_version() { return kAbiVersion; }
 
@@ -19,6 +20,17 @@ int64_t abi_version() { return kAbiVersion; }
 
 TORCH_LIBRARY(fastacl, m) {
   m.def("abi_version() -> int", &fastacl::abi_version);
+  // The fake (shape) implementations of the ops below are Python (torch.library.register_fake in
+  // fastacl.ops.rcs); this tells torch which module to import to find them.
+  m.set_python_module("fastacl.ops.rcs");
+  // Per-sample projected head gradients, one row per sample (or per segment id when segment_ids
+  // is given; num_segments fixes the output's row count without reading segment_ids).
+  m.def(
+      "rcs_project(Tensor[] inputs, Tensor[] grad_outputs, str mode, bool[] bias, Tensor[] p, "
+      "Tensor[] q, Tensor? segment_ids, int num_segments) -> Tensor");
+  // Index of the largest R[i] . v over rows with taken[i] == false (ties: the lowest index; -1
+  // when every row is taken); marks it taken. A 0-d int64 tensor, so no host synchronisation.
+  m.def("greedy_pick(Tensor R, Tensor v, Tensor(a!) taken) -> Tensor");
 }
 
 // Importing fastacl._C runs the static registrations above; the module itself holds nothing.

@@ -88,6 +88,70 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eps_value(text: str) -> float:
+    """--eps as a number or a fraction: 0.0314 or 8/255."""
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, "
+                                         f"got {text!r}") from None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from fastacl.finetune import evaluate
+
+    corruptions = {"auto": "auto", "on": True, "off": False}[args.corruptions]
+    result = evaluate(
+        args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, modes=args.modes,
+        attacks=args.attacks, max_test=args.max_test, seed=args.seed, preset=args.preset,
+        eps=args.eps, method=args.method, epochs=args.epochs, max_train=args.max_train,
+        post_process=args.post_process, corruptions=corruptions,
+        autoattack_version=args.autoattack_version, batch_size=args.batch_size,
+        device=args.device,
+    )
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(result, file, indent=2)
+        os.replace(temporary, path)
+    attacks = result["attacks"]
+    columns = ["standard acc."] + [{"pgd20": "PGD-20", "autoattack": "AutoAttack"}[a]
+                                   for a in attacks]
+    with_corruptions = any("corruptions" in r for r in result["modes"].values())
+    if with_corruptions:
+        columns.append("corruptions (mean)")
+    print(f"\n{result['method']} checkpoint {result['checkpoint']} -> {result['dataset']}: "
+          f"{result['test_images']} test images, l_inf eps {result['eps']:.4g} "
+          f"({result['eps_source']}), preset {result['preset']}")
+    print("| mode | " + " | ".join(columns) + " | fine-tuning | seconds |")
+    print("|---" * (len(columns) + 3) + "|")
+    for mode, r in result["modes"].items():
+        s = r["settings"]
+        cells = [_percent(r["standard_accuracy"])]
+        cells += [_percent(r.get(f"{a}_accuracy")) for a in attacks]
+        if with_corruptions:
+            cells.append(_percent(r.get("corruptions", {}).get("mean")))
+        tuning = (f"{s['epochs']} ep, lr {s['lr']:g}, batch {s['batch_size']}, "
+                  f"{s['train_images']} img")
+        print(f"| {mode.upper()} | " + " | ".join(cells) + f" | {tuning} | {r['seconds']:.0f} |")
+    print(f"total {result['seconds']:.0f} s" + (f"; JSON written to {args.json}" if args.json
+                                                  else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastacl",
@@ -114,6 +178,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last checkpoint")
     train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="fine-tune and test a pre-trained encoder: SLF / ALF / AFF, PGD-20, "
+        "AutoAttack (spec section 8)"
+    )
+    evaluate.add_argument("--checkpoint", required=True, metavar="PATH",
+                          help="a fastacl checkpoint (fastacl train's checkpoint.pt) or a "
+                          "published ACL / DynACL / AIR checkpoint")
+    evaluate.add_argument("--dataset", default=None,
+                          help="downstream dataset (default: the checkpoint's)")
+    evaluate.add_argument("--data-dir", default=None, help="folder holding the dataset files "
+                          "(and CIFAR-10-C / CIFAR-100-C, if any)")
+    evaluate.add_argument("--modes", default="slf,alf,aff", help="comma-separated: slf,alf,aff")
+    evaluate.add_argument("--attacks", default="pgd20,autoattack",
+                          help="comma-separated: pgd20,autoattack")
+    evaluate.add_argument("--max-test", type=int, default=None,
+                          help="test on a fixed random subset of N test images")
+    evaluate.add_argument("--max-train", type=int, default=None,
+                          help="fine-tune on a fixed random subset of N training images")
+    evaluate.add_argument("--eps", type=_eps_value, default=None,
+                          help="l_inf budget, e.g. 8/255 (default: the checkpoint's)")
+    evaluate.add_argument("--preset", default=None,
+                          help="demo | paper (default: demo for mnist5k, else paper)")
+    evaluate.add_argument("--method", default=None, help="pre-training method for the "
+                          "hyper-parameter table (default: the checkpoint's)")
+    evaluate.add_argument("--epochs", type=int, default=None,
+                          help="fine-tuning epochs of every mode (milestones scale)")
+    evaluate.add_argument("--post-process", action="store_true",
+                          help='"++": k-means pseudo-labels, linear probe, TRADES (spec 7) first')
+    evaluate.add_argument("--corruptions", choices=("auto", "on", "off"), default="auto",
+                          help="CIFAR-10-C / 100-C accuracy (auto: when the files are there)")
+    evaluate.add_argument("--autoattack-version", default="standard",
+                          help="AutoAttack version (standard: APGD-CE, APGD-T, FAB-T, Square)")
+    evaluate.add_argument("--batch-size", type=int, default=256, help="test / attack batch")
+    evaluate.add_argument("--seed", type=int, default=0, help="random seed")
+    evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    evaluate.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

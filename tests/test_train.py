@@ -123,8 +123,8 @@ def test_cl_baseline_is_single_bn_and_records_the_normal_branch(tmp_path):
 
 @pytest.mark.slow
 def test_acl_air_loss_falls_over_a_few_epochs(tmp_path):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), method="acl-air", epochs=4,
-                                 max_train=128, batch_size=32, attack_steps=2, evaluate=False)
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), method="acl-air", epochs=3,
+                                 max_train=512, batch_size=64, attack_steps=2, evaluate=False)
     lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
     totals = [json.loads(line)["total"] for line in lines]
     assert totals[-1] < totals[0] - 0.1, totals

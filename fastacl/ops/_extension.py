@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 # Must equal kAbiVersion in csrc/fastacl.cpp: a stale binary is rebuilt rather than trusted.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _status: dict = {}
 

@@ -22,7 +22,11 @@ SHAPES = [(37, 19), (2, 1), (70, 130)]
 TEMPERATURES = [0.1, 0.5, 1.0]
 
 
-def _views(n, d, dtype=torch.float64, device="cpu"):
+# Triton-path tests need CUDA tensors on a GPU machine and CPU tensors under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _views(n, d, dtype=torch.float64, device=DEVICE):
     return (
         torch.randn(n, d, dtype=dtype, device=device),
         torch.randn(n, d, dtype=dtype, device=device),
@@ -80,8 +84,8 @@ def test_kernels_with_small_blocks_cross_every_tile_boundary():
     from fastacl.kernels import nt_xent as kernels
 
     n, d, temperature = 50, 40, 0.2
-    z1 = torch.randn(d, n, dtype=torch.float64).T
-    z2 = torch.randn(n, 2 * d, dtype=torch.float64)[:, ::2]
+    z1 = torch.randn(d, n, dtype=torch.float64, device=DEVICE).T
+    z2 = torch.randn(n, 2 * d, dtype=torch.float64, device=DEVICE)[:, ::2]
     grad_loss = torch.tensor(1.7, dtype=torch.float64)
     expected = _loss_and_grads(nt_xent_reference, z1, z2, temperature, grad_loss)
     blocks = dict(block_m=16, block_n=16, block_d=16)
