@@ -72,6 +72,12 @@ class ACLLoss(nn.Module):
         lambda1, lambda2: >= 0, the weights of SIR and AIR.
         temperature: t of NT-Xent and of the SIR / AIR batch softmaxes.
         form: "exact" | "reference-code", the SIR / AIR form (see fastacl.ops.sir).
+        gather_distributed: under torch.distributed, gather the five embedding sets of every
+            rank (one differentiable all-gather) and compute every term on the global batch:
+            NT-Xent over all ranks' negatives, and SIR / AIR batch softmaxes over the global
+            batch. Every rank then returns the global loss, and DDP's gradient average equals
+            the single-process gradient of the global batch (fastacl.distributed). No-op
+            without a process group.
     """
 
     def __init__(
@@ -81,8 +87,10 @@ class ACLLoss(nn.Module):
         lambda2: float = 0.0,
         temperature: float = 0.5,
         form: str = "exact",
+        gather_distributed: bool = False,
     ):
         super().__init__()
+        self.gather_distributed = gather_distributed
         self.weight_w = weight_w
         self.lambda1 = lambda1
         self.lambda2 = lambda2
@@ -129,6 +137,10 @@ class ACLLoss(nn.Module):
                 f"ACLLoss: z_orig (the projections of the original images) is needed when "
                 f"lambda1 or lambda2 > 0, got lambda1={self.lambda1}, lambda2={self.lambda2}"
             )
+        if self.gather_distributed:
+            from fastacl.distributed import all_gather_rows
+
+            z1, z2, z_orig, z1_adv, z2_adv = all_gather_rows(z1, z2, z_orig, z1_adv, z2_adv)
         t = self.temperature
         natural = ops.nt_xent(z1, z2, temperature=t)
         adversarial = ops.nt_xent(z1_adv, z2_adv, temperature=t)
@@ -151,5 +163,6 @@ class ACLLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"weight_w={self.weight_w}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
-            f"temperature={self.temperature}, form={self.form!r}"
+            f"temperature={self.temperature}, form={self.form!r}, "
+            f"gather_distributed={self.gather_distributed}"
         )

@@ -80,6 +80,11 @@ class TrainConfig:
     channels_last: bool = False
     seed: int = 0
     device: str = "auto"
+    # Under torchrun (DDP; batch_size stays the global batch): gather_negatives computes every
+    # loss term on the global batch (cross-rank negatives; the gradient equals single-process);
+    # sync_bn normalises with the global batch's BN statistics instead of each rank's own.
+    gather_negatives: bool = True
+    sync_bn: bool = False
     out_dir: str | None = None
     max_train: int | None = None  # use only the first N training images (quick runs, tests)
     evaluate: bool = True  # quick SLF + PGD evaluation at the end
@@ -160,6 +165,7 @@ def augmentation_strength(cfg: TrainConfig, epoch: int) -> float:
 def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, attack_generator):
     """One training step on a batch; returns the loss terms as detached 0-d tensors."""
     from fastacl.attacks import pgd_contrastive
+    from fastacl.distributed import unwrap_ddp
     from fastacl.ops import nt_xent
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
@@ -167,11 +173,13 @@ def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, atta
     if not cfg.is_adversarial:
         with autocast:
             z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
-            terms = {"total": nt_xent(z1, z2, cfg.temperature)}
+            terms = {"total": nt_xent(z1, z2, cfg.temperature,
+                                      gather_distributed=cfg.gather_negatives)}
     else:
-        # The attack puts the model in eval mode and computes input gradients only.
+        # The attack puts the model in eval mode and computes input gradients only. Under DDP it
+        # runs on the inner module (no gradient all-reduce) with this rank's negatives only.
         x1_adv, x2_adv = pgd_contrastive(
-            model, x1, x2, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+            unwrap_ddp(model), x1, x2, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
             branch="adv", generator=attack_generator, temperature=cfg.temperature,
             clip_random_start=cfg.clip_random_start,
             autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" and x1.is_cuda else None,
@@ -261,12 +269,36 @@ def _set_rng_state(state: dict, data_generator, attack_generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     # A bar on a terminal; plain log lines (written by the loop) otherwise.
-    return tqdm(total=total, desc=desc, unit="step", disable=not sys.stderr.isatty(),
+    return tqdm(total=total, desc=desc, unit="step", disable=not (enabled and sys.stderr.isatty()),
                 dynamic_ncols=True, leave=False)
+
+
+def _rank_views(dataset, index: torch.Tensor, strength: float, generator: torch.Generator,
+                interpolation: str, rank: int, world_size: int):
+    """(view 1, view 2, originals) of this rank's images of the global batch `index`.
+
+    Under DDP every rank draws the augmentation of the whole global batch from the same
+    generator (the same 2B draws as DeviceDataset.views: view 1 of every image, then view 2) and
+    applies only the rows of its contiguous block: the views are exactly the single-process
+    ones, and the generator stays the same on every rank (rank 0's checkpoint resumes them all).
+    """
+    if world_size == 1:
+        return dataset.views(index, strength, generator, interpolation)
+    from fastacl.data import apply_augment, sample_augment_params
+
+    batch, local = index.shape[0], index.shape[0] // world_size
+    rows = torch.arange(rank * local, (rank + 1) * local)
+    params = sample_augment_params(2 * batch, dataset.image_shape[1:], strength, generator)
+    images = dataset.fetch(index[rank * local : (rank + 1) * local])
+    views = apply_augment(torch.cat([images, images]),
+                          params.select(torch.cat([rows, batch + rows])),
+                          interpolation=interpolation)
+    view_1, view_2 = views.chunk(2)
+    return view_1, view_2, images.to(torch.float32) / 255.0
 
 
 def _prepare_out_dir(cfg: TrainConfig) -> Path:
@@ -314,23 +346,51 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     unknown = sorted(set(overrides) - field_names)
     if unknown:
         raise TypeError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(field_names)}")
+    from fastacl import distributed
+
     checkpoint = None
     if resume is not None:
         cfg, checkpoint = _load_resume(resume, overrides)
-        out = Path(resume)
     else:
         cfg = dataclasses.replace(config or TrainConfig(), **overrides).resolve()
-        out = _prepare_out_dir(cfg)
-    return _run(cfg, out, checkpoint, on_step)
+    # Under torchrun: one process per device, DDP (see `_run` and fastacl.distributed).
+    owns_group = distributed.init_from_env(cfg.device)
+    try:
+        _check_world_size(cfg, distributed.world_size())
+        distributed.check_same_on_all_ranks(
+            {**dataclasses.asdict(cfg), "resume": None if resume is None else str(resume)}
+        )
+        # Rank 0 alone decides a new run's directory (and whether it is taken).
+        out = (Path(resume) if resume is not None
+               else distributed.on_main_process(lambda: _prepare_out_dir(cfg)))
+        return _run(cfg, out, checkpoint, on_step)
+    finally:
+        if owns_group:
+            distributed.destroy()
+
+
+def _check_world_size(cfg: TrainConfig, world_size: int) -> None:
+    local = cfg.batch_size // world_size
+    if cfg.batch_size % world_size or local < 2:
+        fit = max(2, local) * world_size
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is the global batch, split over {world_size} ranks: it "
+            f"must be a multiple of the world size giving each rank >= 2 images (NT-Xent and BN "
+            f"need a batch), e.g. {fit}"
+        )
 
 
 def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> TrainResult:
+    from fastacl import distributed
     from fastacl.data import DeviceDataset, load_dataset
     from fastacl.losses import ACLLoss
     from fastacl.models import build_model, save_checkpoint
     from fastacl.optim import LARS, warmup_cosine_lr
 
-    device = torch.device(cfg.device)
+    # Under DDP (torchrun): rank 0 writes every file and log line; see `_rank_views` for the data.
+    rank, world_size = distributed.rank(), distributed.world_size()
+    main = distributed.is_main_process()
+    device = distributed.rank_device(cfg.device)
     # Load (and so validate) the data before anything is written.
     images, _ = load_dataset(cfg.dataset, cfg.data_dir, split="train")
     if cfg.max_train is not None:
@@ -345,7 +405,9 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
 
     torch.manual_seed(cfg.seed)
     data_generator = torch.Generator().manual_seed(cfg.seed)  # augmentation draws (CPU)
-    attack_generator = torch.Generator(device).manual_seed(cfg.seed + 1)  # PGD random starts
+    # PGD random starts; under DDP each rank its own stream (rank 0's is the single-process one).
+    attack_seed = cfg.seed + 1 + 1_000_003 * rank
+    attack_generator = torch.Generator(device).manual_seed(attack_seed)
     model = build_model(
         cfg.model, in_channels=images.shape[1], dual_bn=cfg.is_adversarial,
         stem="stl" if images.shape[-1] >= 96 else "cifar",
@@ -355,7 +417,8 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
     optimizer = LARS(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     loss_fn = ACLLoss(weight_w=0.0, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
-                      temperature=cfg.temperature, form=cfg.air_form)
+                      temperature=cfg.temperature, form=cfg.air_form,
+                      gather_distributed=cfg.gather_negatives)
     total_iterations = cfg.epochs * steps_per_epoch
     warmup_iterations = cfg.warmup_epochs * steps_per_epoch
 
@@ -365,19 +428,40 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
         state = checkpoint["extra"]["train_state"]
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], data_generator, attack_generator)
+        attack_states = state["rng"].get("attack_per_rank")
+        if attack_states is not None and len(attack_states) == world_size:
+            attack_generator.set_state(attack_states[rank])
+        elif rank > 0:  # saved by another world size: ranks > 0 restart their PGD streams
+            attack_generator.manual_seed(attack_seed)
         start_epoch, start_step, sums = state["epoch"], state["step"], state["sums"]
-        print(f"fastacl: resuming {out} at epoch {start_epoch}, step {start_step}")
-    else:
+        if main:
+            print(f"fastacl: resuming {out} at epoch {start_epoch}, step {start_step}")
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
         saved = {"config": dataclasses.asdict(cfg), "versions": _versions(),
-                 "steps_per_epoch": steps_per_epoch, "train_images": n_images}
+                 "steps_per_epoch": steps_per_epoch, "train_images": n_images,
+                 "world_size": world_size}
         _atomic_write_text(out / "config.json", json.dumps(saved, indent=2))
-    print("fastacl: config\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
+    if main:
+        print("fastacl: config\n" + json.dumps(dataclasses.asdict(cfg), indent=2))
+    if world_size > 1:
+        if cfg.sync_bn:  # shares the parameters: the optimiser above stays valid
+            model = distributed.convert_sync_batchnorm(model, device)
+        # broadcast_buffers=False: each rank keeps its own BN running statistics (rank 0's are
+        # saved); with sync_bn they are the global batch's, the same on every rank.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
 
     def write_checkpoint(epoch: int, step: int) -> Path:
+        rng = _rng_state(data_generator, attack_generator)
+        if world_size > 1:  # every rank's PGD stream, so that a resume continues them all
+            rng["attack_per_rank"] = list(distributed.gather_objects(attack_generator.get_state()))
+        if not main:
+            return out / CHECKPOINT_NAME
         train_state = {"config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
-                       "rng": _rng_state(data_generator, attack_generator), "epoch": epoch,
-                       "step": step, "sums": sums}
+                       "rng": rng, "epoch": epoch, "step": step, "sums": sums}
         return save_checkpoint(
             out / CHECKPOINT_NAME, model, method=cfg.method,
             encoder_branch="adv" if cfg.is_adversarial else "normal",
@@ -397,7 +481,7 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
             # The epoch's shuffle depends only on (seed, epoch): a resumed run finds its place.
             shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
             batches = itertools.islice(dataset.batches(cfg.batch_size, shuffle), start_step, None)
-            bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}")
+            bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", enabled=main)
             bar.update(start_step)
             model.train()
             epoch_start = time.perf_counter()
@@ -407,7 +491,8 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
                                       cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x1, x2, x_orig = dataset.views(index, strength, data_generator, cfg.interpolation)
+                x1, x2, x_orig = _rank_views(dataset, index, strength, data_generator,
+                                             cfg.interpolation, rank, world_size)
                 if cfg.channels_last:
                     x1, x2, x_orig = (t.contiguous(memory_format=torch.channels_last)
                                       for t in (x1, x2, x_orig))
@@ -420,13 +505,17 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
                 bar.update(1)
                 if on_step is not None and on_step(epoch, step, terms):
                     stop()
+                if world_size > 1:  # every rank stops after the same step
+                    stop.requested = distributed.any_rank(stop.requested)
                 if stop.requested:
                     bar.close()
                     path = write_checkpoint(epoch, step + 1)
-                    print(f"fastacl: interrupted; checkpoint {path}; continue with "
-                          f"`fastacl train --resume {out}`")
+                    if main:
+                        print(f"fastacl: interrupted; checkpoint {path}; continue with "
+                              f"`fastacl train --resume {out}`")
                     return TrainResult(out, path, cfg, {"interrupted": True})
             bar.close()
+            sums = distributed.mean_over_ranks(sums)  # the same on every rank when gathered
             seconds = time.perf_counter() - epoch_start
             done = steps_per_epoch - start_step
             last_lr = warmup_cosine_lr(epoch * steps_per_epoch - 1, total_iterations,
@@ -436,16 +525,20 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
                          if name != "steps"},
                       "images_per_second": done * cfg.batch_size / max(seconds, 1e-9),
                       "epoch_seconds": seconds}
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print("fastacl: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                         for k, v in record.items()), flush=True)
+            if main:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print("fastacl: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float)
+                                             else f"{k}={v}" for k, v in record.items()),
+                      flush=True)
             start_step, sums = 0, {}
             checkpoint_path = write_checkpoint(epoch + 1, 0)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
-    summary = _finish(cfg, out, model, checkpoint_path)
+    if not main:
+        return TrainResult(out, checkpoint_path, cfg, {})
+    summary = _finish(cfg, out, distributed.unwrap_ddp(model), checkpoint_path)
     return TrainResult(out, checkpoint_path, cfg, summary)
 
 

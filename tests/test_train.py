@@ -153,3 +153,27 @@ def test_cli_train_rejects_an_unknown_method(tmp_path):
     assert result.returncode != 0
     assert "unknown method 'bogus'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_resumable_checkpoint(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastacl", "train", "--epochs", "50", "--max-train", "32",
+         "--batch-size", "16", "--attack-steps", "1", "--no-evaluate", "--out-dir", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "stopping after this step" in stderr
+    state = load_checkpoint(out / "checkpoint.pt")["extra"]["train_state"]
+    assert 1 <= state["epoch"] < 50
+    resumed = fastacl_train.train(resume=out, on_step=lambda epoch, step, terms: True)
+    assert resumed.summary == {"interrupted": True}

@@ -64,13 +64,18 @@ def _load_jit() -> str | None:
         return "csrc/ sources not found next to the package"
     sources = sorted(glob.glob(str(csrc / "*.cpp")))
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import CUDA_HOME, load
 
+        # The CUDA kernels and their glue only against a CUDA torch (see setup.py).
+        if torch.version.cuda and CUDA_HOME and os.environ.get("FASTACL_NO_CUDA") != "1":
+            sources += sorted(glob.glob(str(csrc / "cuda" / "*.cpp")))
+            sources += sorted(glob.glob(str(csrc / "cuda" / "*.cu")))
         load(
             name="fastacl_jit",
             sources=sources,
             build_directory=str(_cache_dir()),
             extra_cflags=["-O3", "-std=c++17", "-fopenmp"],
+            extra_cuda_cflags=["-O3", "-std=c++17"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -150,13 +150,22 @@ def nt_xent(
         z1, z2: [N, d] embeddings of the two views, N >= 2; row k of z1 and row k of z2 are a
             positive pair, every other row is a negative.
         temperature: t > 0, the logits are cosine similarities / t.
-        gather_distributed: contrast against the negatives of every rank (not implemented yet).
+        gather_distributed: under torch.distributed, contrast against the negatives of every
+            rank: z1 and z2 of all ranks are gathered (rank order, one differentiable
+            all-gather; each row keeps its own positive) and every rank returns the loss of the
+            whole global batch of W * N images. Rank r's gradient for its rows is W times its
+            slice of that loss's gradient, so DDP's average over ranks gives exactly the
+            single-process gradient of the global batch (fastacl.distributed). Every rank must
+            pass the same N. Without a process group (or with one rank) it changes nothing.
     Returns:
-        The mean over the 2N anchors of -log softmax(logits)[positive], in the input dtype.
+        The mean over the 2N anchors (2WN when gathered) of -log softmax(logits)[positive], in
+        the input dtype.
     """
     check_embeddings("nt_xent", z1=z1, z2=z2)
     temperature = check_temperature("nt_xent", temperature)
     if gather_distributed:
-        raise NotImplementedError("nt_xent(gather_distributed=True) arrives with DDP support")
+        from fastacl.distributed import all_gather_rows
+
+        z1, z2 = all_gather_rows(z1, z2)
     loss, _ = nt_xent_forward(z1, z2, temperature)
     return loss

@@ -73,7 +73,7 @@ def _check_layers(inputs, grad_outputs) -> tuple[list[torch.Tensor], list[torch.
             "per layer"
         )
     first = inputs[0]
-    for layer, (h, delta) in enumerate(zip(inputs, grad_outputs)):
+    for layer, (h, delta) in enumerate(zip(inputs, grad_outputs, strict=True)):
         for name, t in (("inputs", h), ("grad_outputs", delta)):
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"{op}: {name}[{layer}] must be a tensor, got {type(t).__name__}")
@@ -196,8 +196,10 @@ def _check_segments(segment_ids, num_segments, n: int, device) -> tuple[torch.Te
 
 def _projection_width(mode, inputs, grad_outputs, bias, p, q) -> int:
     if mode == "rowmean":
-        return sum(h.shape[1] + int(b) for h, b in zip(inputs, bias))
-    return sum(p_l.shape[0] * q_l.shape[0] + int(b) * p_l.shape[0] for p_l, q_l, b in zip(p, q, bias))
+        return sum(h.shape[1] + int(b) for h, b in zip(inputs, bias, strict=True))
+    return sum(
+        p_l.shape[0] * (q_l.shape[0] + int(b)) for p_l, q_l, b in zip(p, q, bias, strict=True)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ def rcs_project_reference(inputs, grad_outputs, mode="rowmean", bias=None, p=(),
     acc = _accumulation_dtype(inputs[0].dtype)
     bias = [False] * len(inputs) if bias is None else bias
     blocks = []
-    for layer, (h, delta) in enumerate(zip(inputs, grad_outputs)):
+    for layer, (h, delta) in enumerate(zip(inputs, grad_outputs, strict=True)):
         h, delta = h.to(acc), delta.to(acc)
         if mode == "rowmean":
             a = delta.mean(dim=1, keepdim=True)  # [n, 1]: P = 1^T / out
@@ -301,7 +303,7 @@ def _use_extension(op: str, tensor: torch.Tensor) -> bool:
 @torch.compiler.assume_constant_result
 def _use_extension_for(op: str, dtype: torch.dtype, device_type: str) -> bool:
     paths = ("cpp",) if dtype in _KERNEL_DTYPES else ()
-    probe = torch.empty(0, dtype=dtype, device="meta")  # select() reads only dtype and device
+    probe = torch.empty(0, dtype=dtype, device="meta")  # select() reads it only for Triton paths
     if _dispatch.select(op, probe, paths) != "cpp":
         return False
     _register_fakes()
