@@ -60,6 +60,18 @@ _TRAIN_OPTIONS = {
     "eval_epochs": (int, "epochs of the closing linear-probe evaluation"),
     "eval_max_test": (int, "test images for the closing evaluation"),
     "eval_eps": (float, "attack budget of the closing evaluation (default: --eps)"),
+    "coreset": (str, "rcs | random: train on a coreset after a warm-up (default: all)"),
+    "coreset_fraction": (float, "coreset fraction k in (0, 1) (default 0.2)"),
+    "coreset_warmup": (int, "epochs on the full set before the first selection (default E/10)"),
+    "coreset_interval": (int, "epochs between RCS selections (default E/50)"),
+    "coreset_granularity": (str, "batch | sample: RCS picks minibatches or images"),
+    "coreset_refresh": (str, "exact | cached: how RCS refreshes the validation gradient"),
+    "coreset_refresh_every": (int, "cached refresh: re-attack U every m picks (default 20)"),
+    "coreset_divergence": (str, "minmax-kl | softmax-kl: the RD divergence"),
+    "coreset_simulated_lr": (float, "eta' of the simulated head step (default 0.01)"),
+    "coreset_simulated_steps": (int, "times the step is applied (2: the published code)"),
+    "coreset_budget_rounding": (str, "truncate | floor (published: whole minibatches)"),
+    "coreset_validation": (float, "share held out as the RCS validation set U (default 0.01)"),
 }
 
 
@@ -68,7 +80,7 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS
                  if getattr(args, name) is not None}
-    for flag in ("channels_last", "evaluate", "clip_random_start"):
+    for flag in ("channels_last", "evaluate", "clip_random_start", "sync_bn", "gather_negatives"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.resume:
@@ -117,7 +129,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         attacks=args.attacks, max_test=args.max_test, seed=args.seed, preset=args.preset,
         eps=args.eps, method=args.method, epochs=args.epochs, max_train=args.max_train,
         post_process=args.post_process, corruptions=corruptions,
-        autoattack_version=args.autoattack_version, batch_size=args.batch_size,
+        autoattack_version=args.autoattack_version,
+        autoattack_attacks=args.autoattack_attacks, batch_size=args.batch_size,
         device=args.device,
     )
     if args.json:
@@ -147,6 +160,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         tuning = (f"{s['epochs']} ep, lr {s['lr']:g}, batch {s['batch_size']}, "
                   f"{s['train_images']} img")
         print(f"| {mode.upper()} | " + " | ".join(cells) + f" | {tuning} | {r['seconds']:.0f} |")
+    if "autoattack" in attacks:
+        aa = result["autoattack"]
+        print(f"AutoAttack: {aa['version']}" + (f" ({', '.join(aa['attacks'])})"
+                                               if aa["attacks"] else "")
+              + f", l_inf eps {result['eps']:.4g}, fixed seed per mode")
     print(f"total {result['seconds']:.0f} s" + (f"; JSON written to {args.json}" if args.json
                                                   else ""))
     return 0
@@ -175,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--clip-random-start", action=argparse.BooleanOptionalAction,
                        default=None, help="clip the PGD random start to [0, 1] (default on; "
                        "--no-clip-random-start reproduces the published code)")
+    train.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="under torchrun: synchronise BN statistics across ranks (default off)")
+    train.add_argument("--gather-negatives", action=argparse.BooleanOptionalAction,
+                       default=None, help="under torchrun: compute the losses on the global "
+                       "batch, negatives from every rank (default on)")
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last checkpoint")
     train.set_defaults(func=_train)
@@ -209,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help='"++": k-means pseudo-labels, linear probe, TRADES (spec 7) first')
     evaluate.add_argument("--corruptions", choices=("auto", "on", "off"), default="auto",
                           help="CIFAR-10-C / 100-C accuracy (auto: when the files are there)")
-    evaluate.add_argument("--autoattack-version", default="standard",
-                          help="AutoAttack version (standard: APGD-CE, APGD-T, FAB-T, Square)")
+    evaluate.add_argument("--autoattack-version", default=None,
+                          help="standard (APGD-CE, APGD-T, FAB-T, Square) | custom | plus "
+                          "(default: standard; the demo preset runs APGD-CE alone)")
+    evaluate.add_argument("--autoattack-attacks", default=None,
+                          help="with --autoattack-version custom: e.g. apgd-ce,apgd-t")
     evaluate.add_argument("--batch-size", type=int, default=256, help="test / attack batch")
     evaluate.add_argument("--seed", type=int, default=0, help="random seed")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

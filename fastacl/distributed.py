@@ -8,10 +8,11 @@ hands rank r the gradient of sum_s L_s with respect to rank r's input (for an al
 all-reduced (summed) incoming gradient, then rank r's rows; for an all-reduce: the all-reduced
 incoming gradient). When every rank computes the loss of the whole gathered batch (each L_r is
 the full-batch loss L), rank r's embedding gradient is W times its slice of dL/dz, and DDP's
-average gives exactly the single-process gradient of the full batch. Every rank must call a
+average gives exactly the single-process gradient of the full batch (at the price of every rank
+computing the whole (2WN)^2 NT-Xent, small next to the encoder). Every rank must call a
 collective with tensors of the same shape, in the same order.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 -m fastacl train ...
+    torchrun --standalone --nproc_per_node 2 -m fastacl train ...
 
 `fastacl train` calls `init_from_env` itself; library users who run their own loop call
 `torch.distributed.init_process_group` as usual and use `all_gather` / `nt_xent(...,
@@ -21,7 +22,9 @@ gather_distributed=True)`.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
+import pickle
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -51,6 +54,7 @@ __all__ = [
     "rank_device",
     "unwrap_ddp",
     "world_size",
+    "wrap_ddp",
 ]
 
 T = TypeVar("T")
@@ -126,9 +130,14 @@ def destroy() -> None:
 def rank_device(device: str | torch.device) -> torch.device:
     """This rank's device: a bare "cuda" becomes cuda:LOCAL_RANK when distributed."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and is_distributed():
-        return torch.device("cuda", local_rank())
-    return device
+    if device.type != "cuda" or world_size() == 1:
+        return device
+    if device.index is not None and device.index != local_rank():
+        raise ValueError(
+            f"device {device} names one GPU, but under torchrun every process has its own: "
+            f"pass device 'cuda' (or 'auto'), and rank {rank()} uses cuda:LOCAL_RANK"
+        )
+    return torch.device("cuda", local_rank())
 
 
 def _collective_device() -> torch.device:
@@ -136,6 +145,20 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def wrap_ddp(model: nn.Module, device: str | torch.device) -> nn.parallel.DistributedDataParallel:
+    """DistributedDataParallel over `model` on this rank's `device`, without the buffer broadcast
+    before every forward: each rank keeps its own BN running statistics (with synchronised BN
+    they are the global batch's anyway). Buffers are still made equal once, at construction."""
+    device = torch.device(device)
+    parameters = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    # torch >= 2.13 renames broadcast_buffers (deprecated) to forward_sync_buffers.
+    buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in parameters
+               else {"broadcast_buffers": False})
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **buffers
+    )
 
 
 def unwrap_ddp(model: nn.Module) -> nn.Module:
@@ -311,7 +334,9 @@ def on_main_process(fn: Callable[[], T]) -> T:
     """fn() on rank 0, its result (or its exception) broadcast to every rank.
 
     For decisions that must be taken once (a new run directory, whether it exists): if the ranks
-    each decided, one could raise while the others wait in a collective forever.
+    each decided, one could raise while the others wait in a collective forever. fn runs on rank
+    0 alone, so it must not call a collective itself (nor run a model with synchronised BN in
+    train mode, nor a DDP module's forward).
     """
     if world_size() == 1:
         return fn()
@@ -320,6 +345,10 @@ def on_main_process(fn: Callable[[], T]) -> T:
         try:
             box[0] = ("ok", fn())
         except Exception as err:  # re-raised on every rank below
+            try:
+                pickle.dumps(err)
+            except Exception:  # an exception that cannot travel: its type and text can
+                err = RuntimeError(f"{type(err).__name__}: {err}")
             box[0] = ("error", err)
     dist.broadcast_object_list(box, src=0, device=_collective_device())
     status, value = box[0]

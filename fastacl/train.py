@@ -9,6 +9,7 @@ ACLLoss, LARS. Everything else here is bookkeeping: presets, schedules, checkpoi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -91,6 +92,22 @@ class TrainConfig:
     eval_epochs: int | None = None
     eval_max_test: int | None = None
     eval_eps: float | None = None  # default: the training eps
+    # Coreset training (spec/rcs.md, fastacl.coreset): after coreset_warmup epochs on the full
+    # pool, train on a fraction k of it, re-selected every coreset_interval epochs ("rcs") or
+    # drawn once ("random"). The validation set U (coreset_validation of the training images,
+    # at least 8) is held out of training in every run, the full-data baseline included.
+    coreset: str | None = None  # None | "rcs" | "random"
+    coreset_fraction: float = 0.2
+    coreset_warmup: int | None = None  # default max(1, round(E / 10))
+    coreset_interval: int | None = None  # default max(1, round(E / 50))
+    coreset_granularity: str = "batch"  # "batch" | "sample"
+    coreset_refresh: str = "exact"  # "exact" | "cached"
+    coreset_refresh_every: int = 20  # "cached": re-attack U every m picks
+    coreset_divergence: str = "minmax-kl"  # "minmax-kl" | "softmax-kl"
+    coreset_simulated_lr: float = 0.01  # eta' of the simulated head step
+    coreset_simulated_steps: int = 1  # 2 reproduces the published code's doubled step
+    coreset_budget_rounding: str = "truncate"  # "truncate" | "floor" (published)
+    coreset_validation: float = 0.01  # fraction held out as U; 0: none (only without a coreset)
 
     def resolve(self) -> TrainConfig:
         """A copy with the preset, method defaults and epoch-relative schedules filled in."""
@@ -128,6 +145,7 @@ class TrainConfig:
         cfg.warmup_epochs = cfg.warmup_epochs or max(1, round(cfg.epochs / 100))
         cfg.dynaug_period = cfg.dynaug_period or max(1, round(cfg.epochs / 20))
         cfg.eval_eps = cfg.eps if cfg.eval_eps is None else cfg.eval_eps
+        _resolve_coreset(cfg)
         if cfg.device == "auto":
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         return cfg
@@ -139,6 +157,93 @@ class TrainConfig:
     @property
     def is_dynamic(self) -> bool:
         return self.method.startswith("dynacl")
+
+
+_CORESETS = (None, "rcs", "random")
+
+
+def _resolve_coreset(cfg: TrainConfig) -> None:
+    """Validate the coreset fields and fill in the epoch-relative schedule (spec section 5)."""
+    from fastacl import coreset
+
+    if cfg.coreset not in _CORESETS:
+        raise ValueError(f"coreset must be None, 'rcs' or 'random', got {cfg.coreset!r}")
+    if not 0.0 <= cfg.coreset_validation < 1.0:
+        raise ValueError(f"coreset_validation must be in [0, 1) (the share of the training "
+                         f"images held out as U), got {cfg.coreset_validation}")
+    if cfg.coreset is None:
+        return
+    if not 0.0 < cfg.coreset_fraction < 1.0:
+        raise ValueError(f"coreset_fraction must be in (0, 1) (the share of the pool trained "
+                         f"on), got {cfg.coreset_fraction}")
+    if cfg.coreset == "rcs" and not cfg.is_adversarial:
+        raise ValueError("coreset='rcs' selects for robustness (RD uses the adversarial BN "
+                         f"branch): use an adversarial method, not {cfg.method!r}, or "
+                         "coreset='random'")
+    if cfg.coreset == "rcs" and cfg.coreset_validation == 0:
+        raise ValueError("coreset='rcs' needs a validation set U: coreset_validation must be > 0")
+    for name, choices in (("granularity", coreset.GRANULARITIES), ("refresh", coreset.REFRESHES),
+                          ("divergence", coreset.DIVERGENCES),
+                          ("budget_rounding", coreset.BUDGET_ROUNDINGS)):
+        value = getattr(cfg, "coreset_" + name)
+        if value not in choices:
+            raise ValueError(f"coreset_{name} must be one of {', '.join(choices)}, got {value!r}")
+    if cfg.coreset_refresh_every < 1 or cfg.coreset_simulated_steps < 0 or not (
+            cfg.coreset_simulated_lr >= 0):
+        raise ValueError(
+            f"coreset_refresh_every must be >= 1 and coreset_simulated_lr / _steps >= 0, got "
+            f"{cfg.coreset_refresh_every}, {cfg.coreset_simulated_lr}, "
+            f"{cfg.coreset_simulated_steps}"
+        )
+    # spec/acl-air.md section 5: RCS warm-up E/10 and interval E/50 (100 and 20 at E = 1000).
+    if cfg.coreset_warmup is None:
+        cfg.coreset_warmup = max(1, round(cfg.epochs / 10))
+    if cfg.coreset_interval is None:
+        cfg.coreset_interval = max(1, round(cfg.epochs / 50))
+    if not 0 <= cfg.coreset_warmup < cfg.epochs or cfg.coreset_interval < 1:
+        raise ValueError(
+            f"coreset_warmup must be in [0, epochs = {cfg.epochs}) (else the coreset is never "
+            f"used) and coreset_interval >= 1, got {cfg.coreset_warmup} and "
+            f"{cfg.coreset_interval}"
+        )
+
+
+def _is_selection_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """RCS re-selects at epochs W + 1, W + 1 + I, ... (spec/rcs.md section 4); the random
+    subset is drawn once, at W + 1."""
+    if cfg.coreset is None:
+        return False
+    after = epoch - cfg.coreset_warmup - 1
+    if after < 0:
+        return False
+    return after == 0 or (cfg.coreset == "rcs" and after % cfg.coreset_interval == 0)
+
+
+def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, device) -> dict:
+    """The coreset for the epochs from `epoch` on: {"indices", "coreset_size",
+    "selection_seconds"}. Seeded by (seed, epoch) only, so a resumed run selects the same."""
+    from fastacl import coreset
+
+    start = time.perf_counter()
+    seed = cfg.seed * 1_000_003 + epoch + 500_009
+    if cfg.coreset == "random":
+        indices = coreset.random_coreset(pool, cfg.coreset_fraction,
+                                         torch.Generator().manual_seed(cfg.seed + 500_009))
+    else:
+        indices = coreset.select_coreset(
+            model, dataset, pool, validation, cfg.coreset_fraction, batch_size=cfg.batch_size,
+            eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps,
+            temperature=cfg.temperature, granularity=cfg.coreset_granularity,
+            refresh=cfg.coreset_refresh, refresh_every=cfg.coreset_refresh_every,
+            divergence=cfg.coreset_divergence, simulated_lr=cfg.coreset_simulated_lr,
+            simulated_steps=cfg.coreset_simulated_steps,
+            budget_rounding=cfg.coreset_budget_rounding,
+            strength=augmentation_strength(cfg, epoch), interpolation=cfg.interpolation,
+            generator=torch.Generator().manual_seed(seed),
+            attack_generator=torch.Generator(device).manual_seed(seed),
+        ).indices
+    return {"indices": indices.cpu(), "coreset_size": int(indices.numel()),
+            "selection_seconds": time.perf_counter() - start}
 
 
 @dataclass
@@ -205,15 +310,17 @@ class _StopRequest:
     """Ctrl-C (SIGINT) asks the loop to stop after the current step, so the checkpoint it then
     writes holds a consistent model / optimiser / RNG state (never a half-applied update)."""
 
-    def __init__(self) -> None:
+    def __init__(self, verbose: bool = True) -> None:
         self.requested = False
+        self.verbose = verbose  # under DDP only rank 0 says it
 
     def __call__(self, signum=None, frame=None) -> None:
         if self.requested:  # a second Ctrl-C aborts at once
             raise KeyboardInterrupt
         self.requested = True
-        print("\nfastacl: stopping after this step and writing a checkpoint "
-              "(Ctrl-C again aborts without one)", file=sys.stderr)
+        if self.verbose:
+            print("\nfastacl: stopping after this step and writing a checkpoint "
+                  "(Ctrl-C again aborts without one)", file=sys.stderr)
 
 
 def _git_commit() -> str | None:
@@ -267,6 +374,38 @@ def _set_rng_state(state: dict, data_generator, attack_generator) -> None:
     attack_generator.set_state(state["attack"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rank_state(model, attack_generator: torch.Generator, cfg: TrainConfig) -> list:
+    """Under DDP, what differs between the ranks, from every rank (a collective): its PGD
+    random-start stream and, without sync BN, its BN running statistics (the checkpoint's
+    state_dict holds rank 0's). Everything else is the same on every rank."""
+    from fastacl import distributed
+
+    own = {"attack": attack_generator.get_state()}
+    if not cfg.sync_bn:
+        own["buffers"] = {name: buffer.detach().cpu()
+                          for name, buffer in distributed.unwrap_ddp(model).named_buffers()}
+    return list(distributed.gather_objects(own))
+
+
+def _restore_rank_state(saved: list | None, model, attack_generator: torch.Generator,
+                        attack_seed: int) -> None:
+    """This rank's part of `_gather_rank_state` (after DDP's construction, which copies rank 0's
+    buffers to every rank). A checkpoint of another world size: ranks > 0 restart their PGD
+    streams from the seed and keep rank 0's BN statistics."""
+    from fastacl import distributed
+
+    rank = distributed.rank()
+    if saved is None or len(saved) != distributed.world_size():
+        if rank > 0:
+            attack_generator.manual_seed(attack_seed)
+        return
+    attack_generator.set_state(saved[rank]["attack"])
+    if "buffers" in saved[rank]:
+        with torch.no_grad():
+            for name, buffer in distributed.unwrap_ddp(model).named_buffers():
+                buffer.copy_(saved[rank]["buffers"][name])
 
 
 def _progress(total: int, desc: str, enabled: bool = True):
@@ -346,6 +485,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     unknown = sorted(set(overrides) - field_names)
     if unknown:
         raise TypeError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(field_names)}")
+    import fastacl
     from fastacl import distributed
 
     checkpoint = None
@@ -356,10 +496,11 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     # Under torchrun: one process per device, DDP (see `_run` and fastacl.distributed).
     owns_group = distributed.init_from_env(cfg.device)
     try:
-        _check_world_size(cfg, distributed.world_size())
         distributed.check_same_on_all_ranks(
-            {**dataclasses.asdict(cfg), "resume": None if resume is None else str(resume)}
+            {**dataclasses.asdict(cfg), "resume": None if resume is None else str(resume),
+             "fastacl_version": fastacl.__version__}
         )
+        _check_world_size(cfg, distributed.world_size())
         # Rank 0 alone decides a new run's directory (and whether it is taken).
         out = (Path(resume) if resume is not None
                else distributed.on_main_process(lambda: _prepare_out_dir(cfg)))
@@ -395,10 +536,23 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
     images, _ = load_dataset(cfg.dataset, cfg.data_dir, split="train")
     if cfg.max_train is not None:
         images = images[: cfg.max_train]
-    n_images = images.shape[0]
+    # The pool: the training images less the RCS validation set U, held out in every run
+    # (spec/rcs.md section 3) so that full, RCS and random runs train on the same pool.
+    from fastacl.coreset import coreset_budget, validation_split
+
+    pool, validation = validation_split(images.shape[0], cfg.coreset_validation, seed=cfg.seed)
+    n_images = pool.numel()
+    # Steps of a full-pool epoch; the LR schedule counts these epochs (a coreset epoch has fewer
+    # steps and sweeps the same stretch of the schedule).
     steps_per_epoch = n_images // cfg.batch_size  # drop_last: NT-Xent wants full batches
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n_images} training images")
+    if cfg.coreset is not None and coreset_budget(cfg.coreset_fraction, n_images) < cfg.batch_size:
+        raise ValueError(
+            f"the coreset (coreset_fraction {cfg.coreset_fraction} of {n_images} images = "
+            f"{coreset_budget(cfg.coreset_fraction, n_images)}) is smaller than batch_size "
+            f"{cfg.batch_size}: no training step would be left"
+        )
     # uint8 images resident on the device (pinned host memory if they do not fit); the views
     # are augmented there in one batched call.
     dataset = DeviceDataset(images, device=device)
@@ -423,23 +577,22 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
     warmup_iterations = cfg.warmup_epochs * steps_per_epoch
 
     start_epoch, start_step, sums = 1, 0, {}
+    # The current coreset (None: the whole pool) and the record of the epoch's selection.
+    subset, selection = None, {}
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])  # strict
         state = checkpoint["extra"]["train_state"]
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], data_generator, attack_generator)
-        attack_states = state["rng"].get("attack_per_rank")
-        if attack_states is not None and len(attack_states) == world_size:
-            attack_generator.set_state(attack_states[rank])
-        elif rank > 0:  # saved by another world size: ranks > 0 restart their PGD streams
-            attack_generator.manual_seed(attack_seed)
         start_epoch, start_step, sums = state["epoch"], state["step"], state["sums"]
+        subset, selection = state.get("coreset_indices"), state.get("coreset_selection", {})
         if main:
             print(f"fastacl: resuming {out} at epoch {start_epoch}, step {start_step}")
     elif main:
         out.mkdir(parents=True, exist_ok=True)
         saved = {"config": dataclasses.asdict(cfg), "versions": _versions(),
                  "steps_per_epoch": steps_per_epoch, "train_images": n_images,
+                 "validation_images": validation.numel(),
                  "world_size": world_size}
         _atomic_write_text(out / "config.json", json.dumps(saved, indent=2))
     if main:
@@ -447,21 +600,20 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
     if world_size > 1:
         if cfg.sync_bn:  # shares the parameters: the optimiser above stays valid
             model = distributed.convert_sync_batchnorm(model, device)
-        # broadcast_buffers=False: each rank keeps its own BN running statistics (rank 0's are
-        # saved); with sync_bn they are the global batch's, the same on every rank.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+        # Each rank keeps its own BN running statistics (rank 0's are saved), unless sync_bn.
+        model = distributed.wrap_ddp(model, device)
+        if checkpoint is not None:
+            _restore_rank_state(checkpoint["extra"]["train_state"].get("ranks"), model,
+                                attack_generator, attack_seed)
 
     def write_checkpoint(epoch: int, step: int) -> Path:
-        rng = _rng_state(data_generator, attack_generator)
-        if world_size > 1:  # every rank's PGD stream, so that a resume continues them all
-            rng["attack_per_rank"] = list(distributed.gather_objects(attack_generator.get_state()))
+        ranks = _gather_rank_state(model, attack_generator, cfg) if world_size > 1 else None
         if not main:
             return out / CHECKPOINT_NAME
         train_state = {"config": dataclasses.asdict(cfg), "optimizer": optimizer.state_dict(),
-                       "rng": rng, "epoch": epoch, "step": step, "sums": sums}
+                       "rng": _rng_state(data_generator, attack_generator), "epoch": epoch,
+                       "step": step, "sums": sums, "coreset_indices": subset,
+                       "coreset_selection": selection, "ranks": ranks}
         return save_checkpoint(
             out / CHECKPOINT_NAME, model, method=cfg.method,
             encoder_branch="adv" if cfg.is_adversarial else "normal",
@@ -471,7 +623,7 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
         )
 
     checkpoint_path = out / CHECKPOINT_NAME
-    stop = _StopRequest()
+    stop = _StopRequest(verbose=main)
     previous_handler = signal.signal(signal.SIGINT, stop)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -480,13 +632,22 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
             loss_fn.weight_w = (2 / 3) * (1 - strength) if cfg.is_dynamic else 0.0
             # The epoch's shuffle depends only on (seed, epoch): a resumed run finds its place.
             shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            batches = itertools.islice(dataset.batches(cfg.batch_size, shuffle), start_step, None)
-            bar = _progress(steps_per_epoch, f"epoch {epoch}/{cfg.epochs}", enabled=main)
+            if start_step == 0 and _is_selection_epoch(cfg, epoch):  # rank 0 selects for all
+                selection = distributed.on_main_process(functools.partial(
+                    _select, cfg, distributed.unwrap_ddp(model), dataset, pool, validation, epoch,
+                    device))
+                subset = selection.pop("indices")
+            epoch_pool = pool if subset is None else subset
+            epoch_steps = epoch_pool.numel() // cfg.batch_size
+            batches = itertools.islice(
+                dataset.batches(cfg.batch_size, shuffle, indices=epoch_pool), start_step, None)
+            bar = _progress(epoch_steps, f"epoch {epoch}/{cfg.epochs}", enabled=main)
             bar.update(start_step)
             model.train()
             epoch_start = time.perf_counter()
             for step, index in enumerate(batches, start=start_step):
-                iteration = (epoch - 1) * steps_per_epoch + step
+                # The schedule counts epochs: a coreset epoch's steps sweep a whole epoch of it.
+                iteration = (epoch - 1) * steps_per_epoch + step * steps_per_epoch / epoch_steps
                 lr = warmup_cosine_lr(iteration, total_iterations, warmup_iterations, cfg.lr,
                                       cfg.min_lr)
                 for group in optimizer.param_groups:
@@ -517,21 +678,21 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
             bar.close()
             sums = distributed.mean_over_ranks(sums)  # the same on every rank when gathered
             seconds = time.perf_counter() - epoch_start
-            done = steps_per_epoch - start_step
+            done = epoch_steps - start_step
             last_lr = warmup_cosine_lr(epoch * steps_per_epoch - 1, total_iterations,
                                        warmup_iterations, cfg.lr, cfg.min_lr)
             record = {"epoch": epoch, "lr": last_lr, "strength": strength, "w": loss_fn.weight_w,
                       **{name: value / sums["steps"] for name, value in sums.items()
                          if name != "steps"},
                       "images_per_second": done * cfg.batch_size / max(seconds, 1e-9),
-                      "epoch_seconds": seconds}
+                      "epoch_seconds": seconds, "train_images": epoch_pool.numel(), **selection}
             if main:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 print("fastacl: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                              else f"{k}={v}" for k, v in record.items()),
                       flush=True)
-            start_step, sums = 0, {}
+            start_step, sums, selection = 0, {}, {}
             checkpoint_path = write_checkpoint(epoch + 1, 0)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -545,7 +706,8 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
 def _finish(cfg: TrainConfig, out: Path, model, checkpoint_path: Path) -> dict:
     """The end of a run: quick evaluation, summary.json, curves.png."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_seconds = sum(r["epoch_seconds"] for r in records)
+    # Selection rounds are part of the training time.
+    train_seconds = sum(r["epoch_seconds"] + r.get("selection_seconds", 0.0) for r in records)
     summary = {
         "method": cfg.method, "dataset": cfg.dataset, "epochs": cfg.epochs,
         "final_loss": records[-1]["total"],
@@ -553,6 +715,8 @@ def _finish(cfg: TrainConfig, out: Path, model, checkpoint_path: Path) -> dict:
                               / max(train_seconds, 1e-9)),
         "train_seconds": train_seconds, "checkpoint": str(checkpoint_path),
     }
+    if cfg.coreset is not None:
+        summary["selection_seconds"] = sum(r.get("selection_seconds", 0.0) for r in records)
     if cfg.evaluate:
         from fastacl.finetune import quick_evaluation
 

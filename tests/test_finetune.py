@@ -288,6 +288,7 @@ def test_modes_in_any_order_give_the_same_numbers(cifar_run):
     assert result["settings"]["epochs"] == 1 and result["settings"]["beta"] == 6
     assert result["seconds"] > 0 and first["eps"] == EPS and first["eps_source"] == "checkpoint"
     assert first["test_images"] == 16 and first["method"] == "acl"
+    assert first["autoattack"] == {"version": "standard", "attacks": None}  # paper preset
     assert result["pgd20_accuracy"] <= result["standard_accuracy"]
     json.dumps(first)  # JSON-serialisable
 

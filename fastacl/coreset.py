@@ -1,0 +1,536 @@
+"""fastacl.coreset: robustness-aware coreset selection (RCS) and the random-subset baseline.
+
+Spec: spec/rcs.md. One selection round (`select_coreset`, spec section 3):
+
+1. One pass over the candidate pool in shuffled, augmented minibatches of the training batch
+   size: adversarial views by PGD on the contrastive loss, then the selection loss (the plain
+   ACL loss: the mean of the natural and the adversarial NT-Xent) at the round's starting head
+   phi0. The backbone is frozen and the whole model is in eval mode; forward hooks on the head's
+   Linear layers capture their inputs H and autograd gives the gradients Delta of the loss with
+   respect to their outputs, so that per layer row i contributes Delta_i (outer) H_i. Each
+   element's projected gradient r_e is `fastacl.ops.rcs_project` of its rows ("rowmean").
+   - granularity "sample": the element is one image; its gradient is the sum of its 4 rows (both
+     views, natural and adversarial) times the minibatch size (spec section 2).
+   - granularity "batch": the element is one minibatch; its gradient is the minibatch gradient.
+2. v = the projected gradient of RD(U; phi) (the representational divergence on the validation
+   set U, one mean over all its elements) with the same projection.
+3. Greedy: pick e* = argmax over unpicked elements of <r_e, v> (`fastacl.ops.greedy_pick`);
+   unless it was the last pick, simulate the head update phi <- phi - eta' G_e* (G_e* rebuilt from
+   the cached (H, Delta) pairs, at phi0 as published) and refresh v at the new phi:
+   - refresh "exact": re-attack U through the whole network after every pick (the authors' code);
+   - refresh "cached": keep the frozen backbone's features f(x_U) and f(x~_U) and refresh v by a
+     head-only forward/backward; re-attack U only every `refresh_every` picks.
+4. Restore phi0 exactly; return the picked image indices.
+
+Choices, stated:
+- eta' (`simulated_lr`) = 0.01 applied once per pick. The authors' code applies the update twice
+  to the same module (0.02 effective); `simulated_steps=2` reproduces that.
+- Budget: exactly round(k N) images (N the pool, round half up). At batch granularity the greedy
+  takes ceil(budget / B) minibatches and truncates the last one to the budget;
+  `budget_rounding="floor"` reproduces the published flooring to budget // B whole minibatches.
+- RD attack on U: PGD maximising d, 3 steps of 1.25 eps / 3 from a uniform start, the spec's
+  "3 steps of (10/255)/3 at eps 8/255" scaled to the run's eps; h(x) through the "normal" BN and
+  h(x~) through the "adv" BN, model in eval mode. U is the unaugmented images.
+- d: "minmax-kl" (the authors' CIFAR/STL code) or "softmax-kl" (their ImageNet code), see
+  `representational_divergence`.
+- The pool is split into minibatches of the training batch size; a last minibatch of a single
+  image (NT-Xent needs two) joins the one before it, so every image is a candidate.
+- Memory: the (H, Delta) pairs of every candidate row are kept, 4 rows per image: about
+  4 x 2 x 1536 floats per image for the paper's 512-d head (24 KB), 1.2 GB for CIFAR-10.
+
+The validation split U (`validation_split`) is 1% of the training set, at least 8 images, drawn
+by the run's seed; it is excluded from the pool and from training in every run, the full-data
+baseline included. The random baseline (`random_coreset`) draws exactly round(k N) indices.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastacl.attacks import _ascend, _forward, _uniform_start, frozen_eval, pgd_contrastive
+from fastacl.models.dual_bn import bn_branch
+from fastacl.ops import greedy_pick, nt_xent, rcs_project
+
+__all__ = [
+    "BUDGET_ROUNDINGS",
+    "DIVERGENCES",
+    "GRANULARITIES",
+    "REFRESHES",
+    "CoresetSelection",
+    "coreset_budget",
+    "head_linear_layers",
+    "random_coreset",
+    "rd_attack",
+    "representational_divergence",
+    "select_coreset",
+    "validation_split",
+]
+
+GRANULARITIES = ("batch", "sample")
+REFRESHES = ("exact", "cached")
+DIVERGENCES = ("minmax-kl", "softmax-kl")
+BUDGET_ROUNDINGS = ("truncate", "floor")
+
+# spec/rcs.md section 1: U is 1% of the training split (0.5% on ImageNet); at least a handful of
+# images so that RD is not the divergence of a single one.
+VALIDATION_FRACTION = 0.01
+VALIDATION_MIN_SIZE = 8
+# spec/rcs.md section 1: the RD attack is 3 steps of (10/255)/3 at eps 8/255, i.e. 1.25 eps / 3.
+RD_STEPS = 3
+RD_STEP_RATIO = 1.25 / 3
+# Spec sections 1 and 2: constants of the min-max normalisation and of the KL.
+_MINMAX_EPS = 1e-12
+_KL_EPS = 1e-8
+
+
+# ---- budget, validation split, random baseline ---------------------------------------------------
+
+def _check_fraction(op: str, fraction: float) -> float:
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:  # also rejects NaN
+        raise ValueError(
+            f"{op}: fraction must be in (0, 1) (the share of the pool to keep), got {fraction}"
+        )
+    return fraction
+
+
+def coreset_budget(fraction: float, pool_size: int) -> int:
+    """round(k N) images (half up), the size of a coreset of fraction k of a pool of N."""
+    fraction = _check_fraction("coreset_budget", fraction)
+    budget = math.floor(fraction * pool_size + 0.5)
+    if budget < 1:
+        raise ValueError(
+            f"coreset_budget: fraction {fraction} of a pool of {pool_size} images rounds to "
+            f"{budget} images: choose a fraction >= {0.5 / max(pool_size, 1):.3g}"
+        )
+    return budget
+
+
+def validation_split(num_images: int, fraction: float = VALIDATION_FRACTION, seed: int = 0,
+                     min_size: int = VALIDATION_MIN_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool, validation): int64 index tensors (sorted) partitioning range(num_images).
+
+    The validation set U holds max(min_size, round(fraction N)) images drawn by `seed`
+    (fraction 0: no U, the pool is everything). Deterministic: the same (N, fraction, seed)
+    always gives the same split.
+    """
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_split: fraction must be in [0, 1), got {fraction}")
+    size = 0 if fraction == 0 else max(int(min_size), math.floor(fraction * num_images + 0.5))
+    if size >= num_images:
+        raise ValueError(
+            f"validation_split: the validation set U ({size} images: max({min_size}, "
+            f"{fraction} x {num_images})) is not smaller than the {num_images} training images; "
+            "use more images or a smaller fraction"
+        )
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + 7919)
+    order = torch.randperm(num_images, generator=generator)
+    return order[size:].sort().values, order[:size].sort().values
+
+
+def random_coreset(pool: torch.Tensor, fraction: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Exactly round(k N) distinct indices of `pool`, uniformly at random (sorted, int64)."""
+    pool = pool.detach().cpu().long()
+    budget = coreset_budget(fraction, pool.numel())
+    return pool[torch.randperm(pool.numel(), generator=generator)[:budget]].sort().values
+
+
+# ---- the model's head ----------------------------------------------------------------------------
+
+def head_linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """The Linear layers of `model.head` in order (fc1, fc2, fc3 for the ACL head).
+
+    RCS differentiates only these (spec section 2) and needs `model.backbone` to compute the
+    frozen features once: a model without both is refused.
+    """
+    head, backbone = getattr(model, "head", None), getattr(model, "backbone", None)
+    if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module):
+        raise ValueError(
+            f"RCS needs a model with a `backbone` (the encoder f) and a `head` (the projection "
+            f"head g, holding nn.Linear layers), as fastacl.models builds; got "
+            f"{type(model).__name__} with backbone={type(backbone).__name__}, "
+            f"head={type(head).__name__}"
+        )
+    layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if not layers:
+        raise ValueError(
+            f"RCS needs a projection head with nn.Linear layers (their gradients are what it "
+            f"projects), but {type(model).__name__}.head ({type(head).__name__}) has none"
+        )
+    return layers
+
+
+def _head(model: nn.Module, features: torch.Tensor, branch: str) -> torch.Tensor:
+    with bn_branch(model, branch):
+        return model.head(features).float()
+
+
+def _features(model: nn.Module, x: torch.Tensor, branch: str, batch_size: int) -> torch.Tensor:
+    with torch.no_grad(), bn_branch(model, branch):
+        return torch.cat([model.backbone(chunk).float() for chunk in x.split(batch_size)])
+
+
+def _head_pairs(model, layers, inputs, loss_fn):
+    """Run the head on each (features, branch) of `inputs`, apply loss_fn to the outputs, and
+    return (H, Delta) per Linear layer, rows in call order: H_l the layer's inputs, Delta_l the
+    gradient of the loss with respect to its outputs. No parameter gradient is computed."""
+    records: dict[nn.Linear, list] = {layer: [] for layer in layers}
+
+    def hook(module, args, output):
+        records[module].append((args[0].detach(), output))
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.enable_grad():
+            # Parameters are frozen: the features are the leaf that makes the head's outputs
+            # differentiable, so that autograd can hand back Delta.
+            outputs = [_head(model, f.detach().requires_grad_(True), branch)
+                       for f, branch in inputs]
+            loss = loss_fn(*outputs)
+            flat = [output for layer in layers for _, output in records[layer]]
+            grads = torch.autograd.grad(loss, flat)
+    finally:
+        for handle in handles:
+            handle.remove()
+    h, delta, k = [], [], 0
+    for layer in layers:
+        calls = len(records[layer])
+        h.append(torch.cat([inp.float() for inp, _ in records[layer]]))
+        delta.append(torch.cat([g.float() for g in grads[k : k + calls]]))
+        k += calls
+    return loss.detach(), h, delta
+
+
+# ---- representational divergence -----------------------------------------------------------------
+
+def _minmax(z: torch.Tensor) -> torch.Tensor:
+    low = z.amin(dim=1, keepdim=True)
+    high = z.amax(dim=1, keepdim=True)
+    return (z - low) / (high - low + _MINMAX_EPS)
+
+
+def representational_divergence(z_adv: torch.Tensor, z_nat: torch.Tensor,
+                                divergence: str = "minmax-kl") -> torch.Tensor:
+    """d(h(x~), h(x)) averaged over all N x d elements (spec/rcs.md section 1).
+
+    "minmax-kl": q = n(z_adv) + 1e-8, p = n(z_nat) + 1e-8 with each row min-max normalised to
+    [0, 1]; mean of q (log q - log p). "softmax-kl": KL(softmax z_nat || softmax z_adv),
+    element-averaged.
+    """
+    if divergence == "minmax-kl":
+        q = _minmax(z_adv) + _KL_EPS
+        p = _minmax(z_nat) + _KL_EPS
+        return (q * (q.log() - p.log())).mean()
+    if divergence == "softmax-kl":
+        log_p = torch.log_softmax(z_nat, dim=1)
+        log_q = torch.log_softmax(z_adv, dim=1)
+        return (log_p.exp() * (log_p - log_q)).mean()
+    raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def rd_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float | None = None,
+              steps: int = RD_STEPS, divergence: str = "minmax-kl",
+              generator: torch.Generator | None = None, batch_size: int = 512) -> torch.Tensor:
+    """x~ = argmax over the l_inf eps-ball of d(h(x', "adv"), h(x, "normal")), by PGD from a
+    uniform start (spec section 1); step_size defaults to 1.25 eps / 3. d is separable over the
+    images, so the attack runs in chunks of batch_size. Returns x~ (detached)."""
+    step_size = RD_STEP_RATIO * eps if step_size is None else step_size
+    out = []
+    for chunk in x.split(batch_size):
+        chunk = chunk.detach()
+        with frozen_eval(model), torch.no_grad(), bn_branch(model, "normal"):
+            z_nat = _forward(model, chunk, "normal")
+
+        def divergence_of(x_adv, z_nat=z_nat):
+            with bn_branch(model, "adv"):  # also routes a converted user model
+                z_adv = _forward(model, x_adv, "adv")
+            return representational_divergence(z_adv, z_nat, divergence)
+
+        start = _uniform_start(chunk, eps, generator, clip=True)
+        out.append(_ascend(model, divergence_of, chunk, start, eps, step_size, steps))
+    return torch.cat(out)
+
+
+# ---- one selection round -------------------------------------------------------------------------
+
+@dataclass
+class CoresetSelection:
+    """The result of one selection round.
+
+    indices: int64 [budget] (CPU) dataset indices of the coreset, in pick order.
+    elements: the dataset indices of every candidate element (a minibatch or one image).
+    picks: the picked elements, in order (the last one may be truncated in `indices`).
+    initial_gains: [num elements] <r_e, v> at phi0 (the first pick's scores).
+    seconds: wall time of the round; budget: round(k N).
+    """
+
+    indices: torch.Tensor
+    elements: list[torch.Tensor]
+    picks: list[int]
+    initial_gains: torch.Tensor
+    budget: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def _minibatches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and chunks[-1].numel() < 2:  # NT-Xent needs two images
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+@dataclass
+class _Candidates:
+    """The pass over the pool: per element its projection r_e, its image indices, and its rows
+    of the (H, Delta) pairs (element-major) with the factor that makes them its gradient."""
+
+    elements: list[torch.Tensor]
+    projections: torch.Tensor  # R [E, D]
+    inputs: list[torch.Tensor]  # H_l [rows, in_l]
+    grad_outputs: list[torch.Tensor]  # Delta_l [rows, out_l]
+    offsets: list[int]  # element e owns rows offsets[e]:offsets[e + 1]
+    scales: list[float]
+
+
+def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
+                         step_size, attack_steps, temperature, strength, interpolation,
+                         generator, attack_generator) -> _Candidates:
+    order = pool[torch.randperm(pool.numel(), generator=generator)]
+    elements, projections, offsets, scales = [], [], [0], []
+    inputs = [[] for _ in layers]
+    grad_outputs = [[] for _ in layers]
+
+    def selection_loss(z_adv, z_nat):  # spec section 3: the plain ACL loss, mean of the two
+        n = z_adv.shape[0] // 2
+        return 0.5 * (nt_xent(z_nat[:n], z_nat[n:], temperature)
+                      + nt_xent(z_adv[:n], z_adv[n:], temperature))
+
+    for index in _minibatches(order, batch_size):
+        b = index.numel()
+        x1, x2, _ = dataset.views(index, strength, generator, interpolation)
+        x1_adv, x2_adv = pgd_contrastive(model, x1, x2, eps=eps, step_size=step_size,
+                                         steps=attack_steps, generator=attack_generator,
+                                         temperature=temperature)
+        f_adv = _features(model, torch.cat([x1_adv, x2_adv]), "adv", 2 * b)
+        f_nat = _features(model, torch.cat([x1, x2]), "normal", 2 * b)
+        _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")],
+                                  selection_loss)
+        # Rows come as [view 1 adv, view 2 adv, view 1, view 2] x b: make each image's 4 rows
+        # contiguous, so that an element (image or minibatch) owns one block of rows.
+        h = [t.view(4, b, -1).transpose(0, 1).reshape(4 * b, -1) for t in h]
+        delta = [t.view(4, b, -1).transpose(0, 1).reshape(4 * b, -1) for t in delta]
+        if granularity == "sample":
+            segments = torch.arange(b, device=h[0].device).repeat_interleave(4)
+            r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=b)
+            # The sample's gradient is on the scale of a one-sample loss (spec section 2).
+            projections.append(r * b)
+            elements.extend(index.cpu().split(1))
+            scales.extend([float(b)] * b)
+            base = offsets[-1]
+            offsets.extend(base + 4 * (i + 1) for i in range(b))
+        else:
+            segments = torch.zeros(4 * b, dtype=torch.int64, device=h[0].device)
+            projections.append(rcs_project(h, delta, "rowmean", bias, segment_ids=segments,
+                                           num_segments=1))
+            elements.append(index.cpu())
+            scales.append(1.0)
+            offsets.append(offsets[-1] + 4 * b)
+        for layer in range(len(layers)):
+            inputs[layer].append(h[layer])
+            grad_outputs[layer].append(delta[layer])
+    return _Candidates(elements, torch.cat(projections), [torch.cat(t) for t in inputs],
+                       [torch.cat(t) for t in grad_outputs], offsets, scales)
+
+
+def _element_gradient(candidates: _Candidates, element: int, bias):
+    """G_e per layer as (weight gradient [out, in], bias gradient [out] or None), from its rows."""
+    rows = slice(candidates.offsets[element], candidates.offsets[element + 1])
+    scale = candidates.scales[element]
+    grads = []
+    for h, delta, has_bias in zip(candidates.inputs, candidates.grad_outputs, bias, strict=True):
+        d = delta[rows] * scale
+        grads.append((d.T @ h[rows], d.sum(dim=0) if has_bias else None))
+    return grads
+
+
+def _validation_projection(model, layers, bias, f_adv, f_nat, divergence) -> torch.Tensor:
+    """v: the projected gradient of RD(U) with respect to the head, from U's frozen features."""
+    def rd(z_adv, z_nat):
+        return representational_divergence(z_adv, z_nat, divergence)
+
+    _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")], rd)
+    segments = torch.zeros(h[0].shape[0], dtype=torch.int64, device=h[0].device)
+    return rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=1)[0]
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"select_coreset: {name} must be one of {', '.join(choices)}, "
+                         f"got {value!r}")
+    return value
+
+
+def select_coreset(
+    model: nn.Module,
+    dataset,
+    pool: torch.Tensor,
+    validation: torch.Tensor,
+    fraction: float,
+    *,
+    batch_size: int,
+    eps: float,
+    step_size: float,
+    attack_steps: int = 5,
+    temperature: float = 0.5,
+    granularity: str = "batch",
+    refresh: str = "exact",
+    refresh_every: int = 20,
+    divergence: str = "minmax-kl",
+    simulated_lr: float = 0.01,
+    simulated_steps: int = 1,
+    budget_rounding: str = "truncate",
+    rd_steps: int = RD_STEPS,
+    rd_step_size: float | None = None,
+    strength: float = 1.0,
+    interpolation: str = "bicubic",
+    generator: torch.Generator | None = None,
+    attack_generator: torch.Generator | None = None,
+) -> CoresetSelection:
+    """One RCS selection round (spec/rcs.md section 3; the module docstring states the choices).
+
+    Args:
+        model: the dual-BN contrastive model (`backbone` + `head` with nn.Linear layers); left
+            exactly as it was (head restored, training flags and requires_grad restored).
+        dataset: a fastacl.data.DeviceDataset (`views`, `fetch`).
+        pool: int64 dataset indices of the candidates; validation: those of U (disjoint).
+        fraction: k in (0, 1); the coreset holds exactly round(k len(pool)) images.
+        batch_size: the selection minibatch (the training batch size; the element at "batch").
+        eps, step_size, attack_steps, temperature: the PGD-contrastive views and the NT-Xent
+            temperature of the selection loss (the training run's).
+        granularity: "batch" (the authors' code) | "sample" (the paper's description).
+        refresh: "exact" (re-attack U after every pick) | "cached" (head-only refresh on the
+            frozen features, re-attack every `refresh_every` picks).
+        divergence: "minmax-kl" | "softmax-kl", the d of RD.
+        simulated_lr: eta' of the simulated step phi <- phi - eta' G_e (0.01).
+        simulated_steps: how often the step is applied per pick (2 reproduces the published
+            code's doubling).
+        budget_rounding: "truncate" (ceil(budget / B) minibatches, the last truncated: exactly
+            the budget) | "floor" (budget // B whole minibatches, the published code; batch
+            granularity only).
+        rd_steps, rd_step_size: the RD attack on U (3 steps of 1.25 eps / 3 by default).
+        strength, interpolation: augmentation of the candidates' views.
+        generator: CPU generator of the pool's shuffle and the views; attack_generator: the PGD
+            random starts (on the model's device).
+    """
+    start_time = time.perf_counter()
+    op = "select_coreset"
+    _check_choice("granularity", granularity, GRANULARITIES)
+    _check_choice("refresh", refresh, REFRESHES)
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("budget_rounding", budget_rounding, BUDGET_ROUNDINGS)
+    if int(refresh_every) < 1:
+        raise ValueError(f"{op}: refresh_every must be >= 1 pick, got {refresh_every}")
+    if int(simulated_steps) < 0 or not float(simulated_lr) >= 0:
+        raise ValueError(f"{op}: simulated_lr and simulated_steps must be >= 0, got "
+                         f"{simulated_lr} and {simulated_steps}")
+    if batch_size < 2:
+        raise ValueError(f"{op}: batch_size must be >= 2 (NT-Xent needs negatives), got "
+                         f"{batch_size}")
+    layers = head_linear_layers(model)
+    bias = [layer.bias is not None for layer in layers]
+    pool = pool.detach().cpu().long()
+    validation = validation.detach().cpu().long()
+    if validation.numel() < 1:
+        raise ValueError(f"{op}: the validation set U is empty; RD needs at least one image")
+    if validation.numel() >= pool.numel():
+        raise ValueError(
+            f"{op}: the validation set U ({validation.numel()} images) is not smaller than the "
+            f"pool ({pool.numel()} images)"
+        )
+    if torch.isin(validation, pool).any():
+        raise ValueError(f"{op}: the validation set U and the pool share images: U must be "
+                         "carved out of the training set (see validation_split)")
+    if pool.numel() < 2:
+        raise ValueError(f"{op}: the pool needs at least 2 images (NT-Xent), got {pool.numel()}")
+    budget = coreset_budget(fraction, pool.numel())
+    max_picks = None
+    if budget_rounding == "floor" and granularity == "batch":
+        max_picks = budget // batch_size
+        if max_picks < 1:
+            raise ValueError(f"{op}: budget_rounding='floor' keeps budget // batch_size = "
+                             f"{budget} // {batch_size} = 0 minibatches")
+
+    parameters = [p for layer in layers for p in layer.parameters()]
+    phi0 = [p.detach().clone() for p in parameters]
+    device = parameters[0].device
+    with frozen_eval(model):
+        try:
+            candidates = _candidate_gradients(
+                model, layers, bias, dataset, pool, batch_size=batch_size,
+                granularity=granularity, eps=eps, step_size=step_size,
+                attack_steps=attack_steps, temperature=temperature, strength=strength,
+                interpolation=interpolation, generator=generator,
+                attack_generator=attack_generator,
+            )
+            pass_seconds = time.perf_counter() - start_time
+
+            x_u = dataset.fetch(validation).to(torch.float32) / 255.0
+            f_nat = _features(model, x_u, "normal", batch_size)
+
+            def attack_validation():
+                x_adv = rd_attack(model, x_u, eps, rd_step_size, rd_steps, divergence,
+                                  attack_generator, batch_size)
+                return _features(model, x_adv, "adv", batch_size)
+
+            f_adv = attack_validation()
+            v = _validation_projection(model, layers, bias, f_adv, f_nat, divergence)
+            initial_gains = (candidates.projections @ v).cpu()
+
+            taken = torch.zeros(len(candidates.elements), dtype=torch.bool, device=device)
+            picks, chosen, count, attacks = [], [], 0, 1
+            every = 1 if refresh == "exact" else int(refresh_every)
+            while count < budget and (max_picks is None or len(picks) < max_picks):
+                element = int(greedy_pick(candidates.projections, v, taken))
+                if element < 0:  # cannot happen: the pool holds more than the budget
+                    break
+                picks.append(element)
+                images = candidates.elements[element]
+                if max_picks is None:
+                    images = images[: budget - count]  # truncate the last pick to the budget
+                chosen.append(images)
+                count += images.numel()
+                if count >= budget or (max_picks is not None and len(picks) == max_picks):
+                    break  # the last pick: no simulated step
+                # The simulated step phi <- phi - eta' G_e (G_e at phi0, as published).
+                with torch.no_grad():
+                    for layer, (g_w, g_b) in zip(
+                        layers, _element_gradient(candidates, element, bias), strict=True
+                    ):
+                        for _ in range(int(simulated_steps)):
+                            layer.weight.sub_(simulated_lr * g_w)
+                            if g_b is not None:
+                                layer.bias.sub_(simulated_lr * g_b)
+                if len(picks) % every == 0:
+                    f_adv = attack_validation()
+                    attacks += 1
+                v = _validation_projection(model, layers, bias, f_adv, f_nat, divergence)
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(parameters, phi0, strict=True):
+                    p.copy_(saved)
+    indices = torch.cat(chosen)
+    return CoresetSelection(
+        indices=indices, elements=candidates.elements, picks=picks,
+        initial_gains=initial_gains, budget=budget, seconds=time.perf_counter() - start_time,
+        details={"granularity": granularity, "refresh": refresh, "divergence": divergence,
+                 "validation_attacks": attacks, "pass_seconds": pass_seconds,
+                 "elements": len(candidates.elements)},
+    )

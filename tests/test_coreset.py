@@ -1,0 +1,327 @@
+"""fastacl.coreset (spec/rcs.md section 3) and its trainer integration: the budget, the
+validation split, the gradients RCS projects, the greedy order, the random baseline, bad input,
+and resumable coreset runs."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fastacl.train as fastacl_train
+from fastacl.coreset import (
+    _element_gradient,
+    _head_pairs,
+    _validation_projection,
+    coreset_budget,
+    head_linear_layers,
+    random_coreset,
+    representational_divergence,
+    select_coreset,
+    validation_split,
+)
+from fastacl.data import DeviceDataset, load_dataset
+from fastacl.models import bn_branch, build_model, load_checkpoint
+from fastacl.ops import nt_xent, rcs_project
+
+N_IMAGES, BATCH = 96, 16
+# A tiny trainer run: 128 demo images (U = 8, pool 120), batches of 16, 1 PGD step.
+TINY = dict(max_train=128, batch_size=16, attack_steps=1, evaluate=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CPU is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    images, _ = load_dataset("mnist5k", None, split="train")
+    return DeviceDataset(images[:N_IMAGES])
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return build_model("resnet18-small", in_channels=1, width=4, head_dim=16)
+
+
+def _select(model, dataset, seed=0, **kwargs):
+    pool, validation = validation_split(N_IMAGES, seed=seed)
+    options = dict(batch_size=BATCH, eps=0.15, step_size=0.05, attack_steps=1,
+                   generator=torch.Generator().manual_seed(seed),
+                   attack_generator=torch.Generator().manual_seed(seed))
+    options.update(kwargs)
+    return pool, validation, select_coreset(model, dataset, pool, validation, 0.2, **options)
+
+
+# ---- budget, split, random baseline --------------------------------------------------------------
+
+def test_budget_and_validation_split():
+    assert coreset_budget(0.2, 4950) == 990 and coreset_budget(0.05, 49500) == 2475
+    assert coreset_budget(0.25, 10) == 3  # round half up: 2.5 -> 3
+    pool, validation = validation_split(5000, seed=0)
+    assert validation.numel() == 50 and pool.numel() == 4950  # 1%
+    assert torch.equal(torch.cat([pool, validation]).sort().values, torch.arange(5000))
+    again, _ = validation_split(5000, seed=0)
+    other, _ = validation_split(5000, seed=1)
+    assert torch.equal(pool, again) and not torch.equal(pool, other)
+    assert validation_split(100, seed=0)[1].numel() == 8  # at least a handful
+    assert validation_split(100, 0.0)[1].numel() == 0
+
+
+def test_random_baseline_has_exactly_the_budget():
+    pool = torch.arange(3, 1003)
+    subset = random_coreset(pool, 0.2, torch.Generator().manual_seed(0))
+    assert subset.numel() == 200 and subset.unique().numel() == 200
+    assert torch.isin(subset, pool).all()
+    assert torch.equal(subset, random_coreset(pool, 0.2, torch.Generator().manual_seed(0)))
+
+
+# ---- one selection round -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "granularity, refresh, divergence",
+    [("batch", "exact", "minmax-kl"), ("batch", "cached", "softmax-kl"),
+     ("sample", "cached", "minmax-kl"), ("sample", "exact", "softmax-kl")],
+)
+def test_selection_returns_the_budget_unique_and_none_from_u(dataset, granularity, refresh,
+                                                             divergence):
+    model = _model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool, validation, selection = _select(model, dataset, granularity=granularity,
+                                          refresh=refresh, refresh_every=3,
+                                          divergence=divergence)
+    indices = selection.indices
+    assert selection.budget == coreset_budget(0.2, pool.numel()) == 18
+    assert indices.numel() == 18 and indices.unique().numel() == 18
+    assert torch.isin(indices, pool).all() and not torch.isin(indices, validation).any()
+    expected_picks = 2 if granularity == "batch" else 18  # ceil(18 / 16) minibatches
+    assert len(selection.picks) == expected_picks
+    # The model comes back exactly as it was: head restored, training flags and grads kept.
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_published_flooring_takes_whole_minibatches(dataset):
+    model = _model()
+    pool, validation = validation_split(N_IMAGES, seed=0)
+    selection = select_coreset(model, dataset, pool, validation, 0.4, batch_size=BATCH,
+                               eps=0.15, step_size=0.05, attack_steps=1,
+                               budget_rounding="floor")
+    assert selection.budget == 35 and len(selection.picks) == 2  # 35 // 16
+    assert selection.indices.numel() == sum(selection.elements[e].numel()
+                                            for e in selection.picks)
+
+
+def test_projections_are_the_rowmean_of_the_true_head_gradients():
+    """The hooks' (H, Delta) pairs give the autograd gradient of the ACL and RD losses with
+    respect to every head Linear layer, and rcs_project of them is its row mean."""
+    model = _model().eval()
+    layers = head_linear_layers(model)
+    bias = [layer.bias is not None for layer in layers]
+    params = [p for layer in layers for p in layer.parameters()]
+    b = 6
+    f_adv, f_nat = torch.randn(2 * b, 32), torch.randn(2 * b, 32)
+
+    def acl(z_adv, z_nat):
+        return 0.5 * (nt_xent(z_nat[:b], z_nat[b:], 0.5) + nt_xent(z_adv[:b], z_adv[b:], 0.5))
+
+    def rd(z_adv, z_nat):
+        return representational_divergence(z_adv, z_nat, "minmax-kl")
+
+    for loss in (acl, rd):
+        _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")], loss)
+        with bn_branch(model, "adv"):
+            z_adv = model.head(f_adv)
+        with bn_branch(model, "normal"):
+            z_nat = model.head(f_nat)
+        grads = torch.autograd.grad(loss(z_adv, z_nat), params)
+        # The full gradient from the pairs (how G_e is rebuilt for the simulated step).
+        weight_grads = [g for g, p in zip(grads, params, strict=True) if p.dim() == 2]
+        for h_l, delta_l, g in zip(h, delta, weight_grads, strict=True):
+            torch.testing.assert_close(delta_l.T @ h_l, g, atol=1e-6, rtol=1e-5)
+        # The row-mean projection of the true gradient (bias block after fc1's weight block).
+        expected = torch.cat([grads[0].mean(0), grads[1].mean(0, keepdim=True),
+                              grads[2].mean(0), grads[3].mean(0)])
+        segments = torch.zeros(4 * b, dtype=torch.int64)
+        r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=1)[0]
+        torch.testing.assert_close(r, expected, atol=1e-6, rtol=1e-5)
+        if loss is rd:
+            v = _validation_projection(model, layers, bias, f_adv, f_nat, "minmax-kl")
+            torch.testing.assert_close(v, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_sample_gradients_average_to_the_minibatch_gradient(dataset):
+    """Each sample's gradient is its rows' contribution times the minibatch size, so their mean
+    over a minibatch is the minibatch gradient (spec section 2); G_e rebuilds from the pairs."""
+    from fastacl.coreset import _candidate_gradients
+
+    model = _model().eval()
+    layers = head_linear_layers(model)
+    bias = [layer.bias is not None for layer in layers]
+    pool = torch.arange(32)
+    common = dict(batch_size=BATCH, eps=0.15, step_size=0.05, attack_steps=1, temperature=0.5,
+                  strength=1.0, interpolation="bicubic")
+    results = {}
+    for granularity in ("batch", "sample"):
+        results[granularity] = _candidate_gradients(
+            model, layers, bias, dataset, pool, granularity=granularity,
+            generator=torch.Generator().manual_seed(0),
+            attack_generator=torch.Generator().manual_seed(0), **common)
+    batch, sample = results["batch"], results["sample"]
+    assert len(batch.elements) == 2 and len(sample.elements) == 32
+    for e, element in enumerate(batch.elements):
+        members = [i for i, s in enumerate(sample.elements) if torch.isin(s, element).all()]
+        assert len(members) == BATCH
+        torch.testing.assert_close(sample.projections[members].mean(0), batch.projections[e],
+                                   atol=1e-6, rtol=1e-4)
+        g_batch = _element_gradient(batch, e, bias)
+        g_mean = [sum(_element_gradient(sample, i, bias)[layer][0] for i in members) / BATCH
+                  for layer in range(3)]
+        for (g, _), mean in zip(g_batch, g_mean, strict=True):
+            torch.testing.assert_close(mean, g, atol=1e-6, rtol=1e-4)
+
+
+def test_without_a_simulated_step_the_picks_are_the_top_gains(dataset):
+    """eta' = 0 and no re-attack: v never changes, so greedy = the top-k of <r_e, v>."""
+    model = _model()
+    _, _, selection = _select(model, dataset, granularity="sample", refresh="cached",
+                              refresh_every=10_000, simulated_lr=0.0)
+    top = selection.initial_gains.argsort(descending=True, stable=True)[: len(selection.picks)]
+    assert selection.picks == top.tolist()
+    # With a step the validation gradient moves, and so (here) does the order of later picks.
+    _, _, stepped = _select(model, dataset, granularity="sample", refresh="cached",
+                            refresh_every=10_000, simulated_lr=50.0)
+    assert stepped.picks[0] == selection.picks[0]
+    assert stepped.picks != selection.picks
+
+
+def test_doubled_step_equals_twice_the_learning_rate(dataset):
+    model = _model()
+    common = dict(granularity="sample", refresh="cached", refresh_every=10_000)
+    _, _, twice = _select(model, dataset, simulated_lr=5.0, simulated_steps=2, **common)
+    _, _, double = _select(model, dataset, simulated_lr=10.0, **common)
+    assert twice.picks == double.picks
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_fraction_outside_zero_one_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
+        coreset_budget(fraction, 100)
+
+
+def test_budget_rounding_to_zero_and_oversized_validation_are_refused(dataset):
+    with pytest.raises(ValueError, match="rounds to 0 images"):
+        coreset_budget(0.004, 100)
+    with pytest.raises(ValueError, match="not smaller than the 8 training images"):
+        validation_split(8)
+    with pytest.raises(ValueError, match="U .12 images. is not smaller than the pool .10"):
+        select_coreset(_model(), dataset, torch.arange(10), torch.arange(10, 22), 0.5,
+                       batch_size=4, eps=0.15, step_size=0.05)
+    with pytest.raises(ValueError, match="share images"):
+        select_coreset(_model(), dataset, torch.arange(20), torch.arange(15, 17), 0.5,
+                       batch_size=4, eps=0.15, step_size=0.05)
+
+
+def test_a_model_without_a_linear_head_is_refused(dataset):
+    class NoHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+    class ConvHead(NoHead):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = nn.Flatten(), nn.Identity()
+
+    pool, validation = validation_split(N_IMAGES)
+    for model, message in ((NoHead(), "needs a model with a `backbone`"),
+                           (ConvHead(), "has none")):
+        with pytest.raises(ValueError, match=message):
+            select_coreset(model, dataset, pool, validation, 0.2, batch_size=BATCH, eps=0.15,
+                           step_size=0.05)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(coreset="greedy"), "coreset must be None, 'rcs' or 'random'"),
+        (dict(coreset="rcs", coreset_fraction=1.0), r"coreset_fraction must be in \(0, 1\)"),
+        (dict(coreset="rcs", method="cl"), "use an adversarial method"),
+        (dict(coreset="rcs", coreset_refresh="lazy"), "coreset_refresh must be one of"),
+        (dict(coreset="random", epochs=1), r"coreset_warmup must be in \[0, epochs"),
+        (dict(coreset_validation=1.0), r"coreset_validation must be in \[0, 1\)"),
+        (dict(coreset="rcs", coreset_fraction=0.1, **TINY), "smaller than batch_size 16"),
+    ],
+)
+def test_bad_coreset_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        fastacl_train.train(out_dir=str(out), **{"epochs": 2, **overrides})
+    assert not out.exists()
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+
+def _records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedule_defaults_scale_with_the_epochs():
+    cfg = fastacl_train.TrainConfig(dataset="cifar10", coreset="rcs").resolve()
+    assert (cfg.coreset_warmup, cfg.coreset_interval) == (100, 20)  # spec: W = 100, I = 20
+    short = fastacl_train.TrainConfig(coreset="random", epochs=5).resolve()
+    assert (short.coreset_warmup, short.coreset_interval) == (1, 1)
+    selections = [e for e in range(1, 1001) if fastacl_train._is_selection_epoch(cfg, e)]
+    assert selections[:3] == [101, 121, 141] and len(selections) == 45
+
+
+def test_rcs_run_records_its_selections(tmp_path):
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs", **TINY)
+    first, second = _records(result.out_dir)
+    # U (8 images) is held out: epoch 1 trains on the 120-image pool, epoch 2 on its coreset.
+    assert first["train_images"] == 120 and "coreset_size" not in first
+    assert second["train_images"] == second["coreset_size"] == 24
+    assert second["selection_seconds"] > 0
+    state = load_checkpoint(result.checkpoint)["extra"]["train_state"]
+    assert state["coreset_indices"].numel() == 24
+
+
+def test_random_subset_is_drawn_once_per_run(tmp_path):
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=3, coreset="random",
+                                 coreset_interval=1, **TINY)
+    records = _records(result.out_dir)
+    assert ["coreset_size" in r for r in records] == [False, True, False]
+    assert [r["train_images"] for r in records] == [120, 24, 24]
+
+
+@pytest.mark.slow
+def test_interrupted_coreset_run_resumes_to_the_same_weights(tmp_path):
+    common = dict(epochs=3, seed=3, coreset="rcs", coreset_fraction=0.3, **TINY)
+    full = fastacl_train.train(out_dir=str(tmp_path / "full"), **common)
+    # Stop after the first step of epoch 2, the first coreset epoch (2 steps of its 36 images).
+    stopped = fastacl_train.train(out_dir=str(tmp_path / "cut"),
+                                  on_step=lambda epoch, step, terms: (epoch, step) == (2, 0),
+                                  **common)
+    assert stopped.summary == {"interrupted": True}
+    state = load_checkpoint(stopped.checkpoint)["extra"]["train_state"]
+    assert state["coreset_indices"].numel() == 36
+    resumed = fastacl_train.train(resume=tmp_path / "cut")
+    expected = load_checkpoint(full.checkpoint)["state_dict"]
+    actual = load_checkpoint(resumed.checkpoint)["state_dict"]
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6, msg=key)
+    records = _records(tmp_path / "cut")
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    uninterrupted = _records(tmp_path / "full")
+    for record, reference in zip(records, uninterrupted, strict=True):
+        assert record["train_images"] == reference["train_images"]
+        assert record["total"] == pytest.approx(reference["total"], abs=1e-5)
+    assert [r.get("coreset_size") for r in records] == [None, 36, 36]
