@@ -12,8 +12,9 @@ from fastacl.models import load_checkpoint
 from fastacl.train import TrainConfig, augmentation_strength
 from tests.synthetic import make_cifar10
 
-# A run small enough for a unit test: 32 demo images, batches of 16, 1 PGD step.
-TINY = dict(max_train=32, batch_size=16, attack_steps=1, evaluate=False)
+# A run small enough for a unit test: 40 demo images (32 after the RCS validation hold-out),
+# batches of 16 (two steps an epoch), 1 PGD step.
+TINY = dict(max_train=40, batch_size=16, attack_steps=1, evaluate=False)
 
 
 def test_presets_and_epoch_relative_schedules():
