@@ -15,6 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+try:  # run as a script (python benchmarks/bench_x.py) or collected by pytest from the root
+    from gpu_measure import peak_mib, provenance
+except ImportError:
+    from benchmarks.gpu_measure import peak_mib, provenance
 from fastacl import ops
 from fastacl.ops.nt_xent import nt_xent_reference
 
@@ -53,17 +57,6 @@ def _step(implementation, z1, z2):
     return step
 
 
-def _peak_mib(step) -> float:
-    step()  # warm-up: compile the kernels outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("implementation", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -72,7 +65,7 @@ def test_nt_xent_forward_backward(benchmark, implementation, dtype, n, d):
     z1, z2 = _inputs(n, d, DTYPES[dtype])
     step = _step(IMPLEMENTATIONS[implementation], z1, z2)
     try:
-        peak_mib = _peak_mib(step)
+        peak = peak_mib(step)
     except torch.cuda.OutOfMemoryError:
         pytest.skip(f"{implementation} at N={n}, d={d}, {dtype} does not fit on this GPU")
 
@@ -86,27 +79,17 @@ def test_nt_xent_forward_backward(benchmark, implementation, dtype, n, d):
         n=n,
         d=d,
         dtype=dtype,
-        peak_mib=round(peak_mib, 1),
+        peak_mib=round(peak, 1),
     )
     benchmark.pedantic(synchronized_step, rounds=10, warmup_rounds=2)
 
 
 def main() -> None:
-    import datetime
-    import subprocess
-
     import triton.testing
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_nt_xent needs a CUDA GPU")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    print(
-        f"NT-Xent forward + backward, t = {TEMPERATURE}: {torch.cuda.get_device_name()}, "
-        f"torch {torch.__version__}, triton {triton.__version__}, commit {commit or '?'}, "
-        f"{datetime.date.today()}"
-    )
+    print(f"NT-Xent forward + backward, t = {TEMPERATURE}: {provenance()}")
     header = ("dtype", "N", "d", "ms ours", "ms torch", "torch/ours", "MiB ours", "MiB torch")
     print(" | ".join(f"{h:>9}" for h in header))
     for dtype_name, dtype in DTYPES.items():
@@ -116,7 +99,7 @@ def main() -> None:
                 z1, z2 = _inputs(n, d, dtype)
                 step = _step(implementation, z1, z2)
                 try:
-                    mib[name] = _peak_mib(step)
+                    mib[name] = peak_mib(step)
                     ms[name] = triton.testing.do_bench(step, return_mode="median")
                 except torch.cuda.OutOfMemoryError:
                     ms[name] = mib[name] = float("nan")

@@ -14,6 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+try:  # run as a script (python benchmarks/bench_x.py) or collected by pytest from the root
+    from gpu_measure import peak_mib, provenance
+except ImportError:
+    from benchmarks.gpu_measure import peak_mib, provenance
 from fastacl import ops
 from fastacl.ops.sir_air import air_reference, sir_reference
 
@@ -49,17 +53,6 @@ def _step(op, implementation, inputs):
     return step
 
 
-def _peak_mib(step) -> float:
-    step()  # warm-up: compile the kernels outside the measurement
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - baseline) / 2**20
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("implementation", ["ours", "torch"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -67,7 +60,7 @@ def _peak_mib(step) -> float:
 @pytest.mark.parametrize("op", list(OPS))
 def test_sir_air_forward_backward(benchmark, op, implementation, dtype, n, d):
     step = _step(op, implementation, _inputs(OPS[op][0], n, d, DTYPES[dtype]))
-    peak_mib = _peak_mib(step)
+    peak = peak_mib(step)
 
     def synchronized_step():
         step()
@@ -80,28 +73,18 @@ def test_sir_air_forward_backward(benchmark, op, implementation, dtype, n, d):
         n=n,
         d=d,
         dtype=dtype,
-        peak_mib=round(peak_mib, 2),
+        peak_mib=round(peak, 2),
     )
     benchmark.pedantic(synchronized_step, rounds=20, warmup_rounds=3)
 
 
 def main() -> None:
-    import datetime
-    import subprocess
-
-    import triton
     import triton.testing
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_sir_air needs a CUDA GPU")
     device = torch.cuda.get_device_name()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    print(
-        f"SIR / AIR forward + backward, t = {TEMPERATURE}, exact form: torch {torch.__version__}, "
-        f"triton {triton.__version__}, commit {commit or '?'}, {datetime.date.today()}"
-    )
+    print(f"SIR / AIR forward + backward, t = {TEMPERATURE}, exact form: {provenance()}")
     header = ("device", "op", "dtype", "N", "d", "ms ours", "ms torch", "torch/ours",
               "MiB ours", "MiB torch")  # fmt: skip
     print(" | ".join(f"{h:>9}" for h in header))
@@ -111,7 +94,7 @@ def main() -> None:
                 ms, mib = {}, {}
                 for implementation in ("ours", "torch"):
                     step = _step(op, implementation, _inputs(count, n, d, dtype))
-                    mib[implementation] = _peak_mib(step)
+                    mib[implementation] = peak_mib(step)
                     ms[implementation] = triton.testing.do_bench(step, return_mode="median")
                     del step
                     torch.cuda.empty_cache()

@@ -476,3 +476,38 @@ def test_torchrun_cli_writes_one_checkpoint(tmp_path):
     assert [sorted(r) for r in state["ranks"]] == [["attack", "buffers"]] * 2
     # One rank logs: the config is printed once.
     assert completed.stdout.count("fastacl: config") == 1, completed.stdout
+
+
+# ---- RCS under DDP: rank 0 selects, every rank receives the same subset ------------------------
+def _coreset_selection():
+    """One RCS round exactly as the trainer runs it (fastacl.train._select behind
+    distributed.on_main_process), on a tiny model and 64 demo images."""
+    import functools
+
+    from fastacl.coreset import validation_split
+    from fastacl.data import DeviceDataset, load_dataset
+    from fastacl.models import build_model
+
+    cfg = fastacl_train.TrainConfig(method="acl", coreset="rcs", coreset_fraction=0.25, epochs=2,
+                                    batch_size=8, attack_steps=1).resolve()
+    torch.manual_seed(0)
+    model = build_model("resnet18-small", in_channels=1, width=4, head_dim=16)
+    images, _ = load_dataset("mnist5k", split="train")
+    pool, validation = validation_split(64, seed=0)
+    selection = distributed.on_main_process(functools.partial(
+        fastacl_train._select, cfg, model, DeviceDataset(images[:64]), pool, validation, 2,
+        torch.device("cpu")))
+    return selection["indices"]
+
+
+def _rank_selection(rank, world, out):
+    _init_group()
+    torch.save(_coreset_selection(), out / f"rank{rank}.pt")
+
+
+def test_two_process_rcs_selection_equals_the_one_process_selection(tmp_path):
+    _launch(_rank_selection, tmp_path)
+    single = _coreset_selection()
+    assert single.numel() == round(0.25 * 56)  # the pool: 64 images less the 8 of U
+    for rank in range(WORLD):
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), single), rank

@@ -84,7 +84,8 @@ def select(op: str, tensor: torch.Tensor, paths: tuple[str, ...]) -> str:
         if not (tensor.is_cuda or triton_interpreter()):
             raise RuntimeError(
                 f"{op}: FASTACL_BACKEND=triton needs CUDA tensors, got a {tensor.device} tensor; "
-                "to run the Triton kernels on the CPU set TRITON_INTERPRET=1 before importing fastacl"
+                "to run the Triton kernels on the CPU set TRITON_INTERPRET=1 before importing "
+                "fastacl"
             )
         return "triton"
     # requested == "cpp"

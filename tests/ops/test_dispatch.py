@@ -23,7 +23,8 @@ def test_context_manager_overrides_env_and_nests(monkeypatch):
 
 
 def test_unknown_backend_is_rejected(monkeypatch):
-    with pytest.raises(ValueError, match="unknown fastacl backend 'cuda'.*auto, triton, cpp, torch"):
+    expected = "unknown fastacl backend 'cuda'.*auto, triton, cpp, torch"
+    with pytest.raises(ValueError, match=expected):
         with use_backend("cuda"):
             pass
     monkeypatch.setenv("FASTACL_BACKEND", "fast")
