@@ -86,8 +86,13 @@ STANDARD_CORRUPTIONS = (
     "elastic_transform", "pixelate", "jpeg_compression",
 )
 _CORRUPTION_FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
-# Offsets that make each mode's seed different from every other mode's (seed * 10 + offset).
+# Each mode's seeds: base = seed * 100 + 10 * offset; its fine-tuning draws use base and
+# base + 1, its test attacks base + 2, so no two modes (or uses) share a seed.
 _SEED_OFFSETS = {"slf": 1, "alf": 2, "aff": 3, "post-process": 4}
+
+
+def _mode_seed(seed: int, mode: str) -> int:
+    return seed * 100 + 10 * _SEED_OFFSETS[mode]
 # TRADES' trade-off (Zhang et al. 2019), used by the published AFF and "++" (spec sections 7-8).
 TRADES_BETA = 6.0
 # The published PGD-10 / TRADES / PGD-20 step is 2/255 at eps 8/255.
@@ -889,7 +894,7 @@ def evaluate(
         with _seeded(seed, "post-process", device):
             model, info = _post_process(
                 model, train_images, num_classes, eps, settings,
-                seed=seed * 10 + _SEED_OFFSETS["post-process"], progress=progress)
+                seed=_mode_seed(seed, "post-process"), progress=progress)
         model.eval()
         result["post_process"] = info
         result["method"] = f"{method or 'unknown'}++"
@@ -912,7 +917,7 @@ class _seeded:
     """Seed the global RNG from (seed, mode) inside the block; the caller's state comes back."""
 
     def __init__(self, seed: int, mode: str, device: torch.device) -> None:
-        self.seed = seed * 10 + _SEED_OFFSETS[mode]
+        self.seed = _mode_seed(seed, mode)
         self.fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
     def __enter__(self) -> int:
@@ -928,7 +933,7 @@ def _run_mode(mode, model, branch, settings, train_images, train_labels, test_im
               test_labels, test_subset, num_classes, eps, attacks, seed, batch_size,
               autoattack_version, autoattack_attacks, corruption_folder, device, progress):
     start = time.perf_counter()
-    mode_seed = seed * 10 + _SEED_OFFSETS[mode]
+    mode_seed = _mode_seed(seed, mode)
     images, labels = train_images, train_labels
     if settings.max_train is not None and settings.max_train < images.shape[0]:
         # The same subset for every mode and seed: the modes differ only in their protocol.
