@@ -1033,8 +1033,8 @@ def quick_evaluation(model: nn.Module, cfg) -> dict:
     """Quick SLF: linear probe on frozen features, then clean and PGD-20 test accuracy.
 
     The short check fastacl.train runs at the end of a run (the full protocols are `evaluate`):
-    a linear probe on the unaugmented training features (Adam, no augmentation), tested on the
-    first cfg.eval_max_test test images.
+    a linear probe on the unaugmented training features (Adam, no augmentation), tested on a
+    fixed random subset of cfg.eval_max_test test images.
     """
     from fastacl.attacks import is_robust, pgd
     from fastacl.data import load_dataset
@@ -1045,8 +1045,10 @@ def quick_evaluation(model: nn.Module, cfg) -> dict:
     train_images, train_labels = load_dataset(cfg.dataset, cfg.data_dir, split="train")
     test_images, test_labels = load_dataset(cfg.dataset, cfg.data_dir, split="test")
     if cfg.eval_max_test is not None:
-        test_images = test_images[: cfg.eval_max_test]
-        test_labels = test_labels[: cfg.eval_max_test]
+        # A fixed random subset (the same as `evaluate --max-test`): split files may be ordered
+        # by class (mnist5k is), so the first N images would cover only some classes.
+        subset = _subset_indices(test_images.shape[0], cfg.eval_max_test)
+        test_images, test_labels = test_images[subset], test_labels[subset]
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
     num_classes = int(train_labels.max()) + 1
     features = _features(encoder, train_images.to(device))
