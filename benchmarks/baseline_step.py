@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 
 from fastacl.data.reference import (
@@ -220,25 +221,30 @@ def baseline_step(model, optimizer, x_orig, x1, x2, cfg, generator=None, weight_
     """One ACL-AIR step the published way; same arguments as fastacl.train.train_step (cfg: a
     resolved TrainConfig; precision and channels_last are ignored: fp32, contiguous).
     Returns the loss terms as detached 0-d tensors."""
-    x1_adv, x2_adv = pgd_contrastive_published(
-        model, x1, x2, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.temperature,
-        cfg.clip_random_start, generator,
-    )
+    # The same profiler phase names as fastacl.train.train_step (benchmarks/profile_step.py).
+    with record_function("fastacl.attack"):
+        x1_adv, x2_adv = pgd_contrastive_published(
+            model, x1, x2, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.temperature,
+            cfg.clip_random_start, generator,
+        )
     model.train()
-    features_adv = model(torch.cat([x1_adv, x2_adv]), branch="adv")
-    features = model(torch.cat([x1, x2]), branch="normal")
-    # The originals' pass: SIR / AIR only (the AIR code runs it, the ACL code does not).
-    features_orig = (model(x_orig, branch="normal")
-                     if cfg.lambda1 > 0 or cfg.lambda2 > 0 else None)
-    z1_adv, z2_adv = features_adv.chunk(2)
-    z1, z2 = features.chunk(2)
-    terms = loss_terms_plain(
-        z1, z2, features_orig, z1_adv, z2_adv, weight_w=weight_w, lambda1=cfg.lambda1,
-        lambda2=cfg.lambda2, temperature=cfg.temperature, form=cfg.air_form,
-    )
-    optimizer.zero_grad()
-    terms["total"].backward()
-    optimizer.step()
+    with record_function("fastacl.forward"):
+        features_adv = model(torch.cat([x1_adv, x2_adv]), branch="adv")
+        features = model(torch.cat([x1, x2]), branch="normal")
+        # The originals' pass: SIR / AIR only (the AIR code runs it, the ACL code does not).
+        features_orig = (model(x_orig, branch="normal")
+                         if cfg.lambda1 > 0 or cfg.lambda2 > 0 else None)
+        z1_adv, z2_adv = features_adv.chunk(2)
+        z1, z2 = features.chunk(2)
+        terms = loss_terms_plain(
+            z1, z2, features_orig, z1_adv, z2_adv, weight_w=weight_w, lambda1=cfg.lambda1,
+            lambda2=cfg.lambda2, temperature=cfg.temperature, form=cfg.air_form,
+        )
+    with record_function("fastacl.backward"):
+        optimizer.zero_grad()
+        terms["total"].backward()
+    with record_function("fastacl.optimizer"):
+        optimizer.step()
     return {name: value.detach() for name, value in terms.items()}
 
 

@@ -3,25 +3,29 @@ the plain published-style step of benchmarks/baseline_step.py, same data, same m
 run, images per second and the ratio.
 
     python benchmarks/bench_train_step.py [--threads 1] [--workers 2] [--steps 3]   # table
+    fastacl bench [same options] [--variants fp32 bf16+channels_last] [--json OUT]  # the same
     python -m pytest benchmarks/bench_train_step.py         # pytest-benchmark (gpu tier skips)
     python -m pytest benchmarks/bench_train_step.py -m gpu  # the GPU suite only
 
 fastacl: uint8 set resident on the device (fastacl.data.DeviceDataset), both views of the batch
 augmented in one batched call, then fastacl.train.train_step (PGD with input-only gradients,
-fused ops, optional bf16 autocast / channels_last). Timed per step: index batch + augmentation +
-step. Baseline: a DataLoader whose workers augment one image at a time, fp32, PGD with a full
-loss.backward() through the parameters each step, three forwards, plain losses (see
-baseline_step.py). Timed per step: waiting for the loader's batch (so its cost shows wherever
-the workers do not keep up) + the copy to the device + the step. Both use fastacl.optim.LARS
-(the optimiser is not what is compared) and the same TrainConfig (ACL-AIR: lambda1 = lambda2 =
-0.5, 5 PGD steps, the preset's eps and step).
+fused ops, optional bf16 autocast / channels_last / compile). Timed per step: index batch +
+augmentation + step. Baseline: a DataLoader whose workers augment one image at a time, fp32,
+PGD with a full loss.backward() through the parameters each step, three forwards, plain losses
+(see baseline_step.py). Timed per step: waiting for the loader's batch (so its cost shows
+wherever the workers do not keep up) + the copy to the device + the step. Both use
+fastacl.optim.LARS (the optimiser is not what is compared) and the same TrainConfig (ACL-AIR:
+lambda1 = lambda2 = 0.5, 5 PGD steps, the preset's eps and step).
 
 Cases. CPU: ResNet-18-small (width 16, head 128) on the 1x28x28 mnist5k training set, batch
 128 (the demo preset); the paper's full-width ResNet-18 on synthetic uint8 3x32x32 data, batch
-32. GPU (marker gpu): the paper's ResNet-18 on synthetic 3x32x32, batch 512, fastacl with fp32,
-bf16, channels_last, bf16 + channels_last; the baseline is fp32 (with PyTorch's default
-cudnn.allow_tf32 = True for both sides). No torch.compile toggle: the trainer has no compile
-option yet.
+32. fastacl variants: fp32 (the like-for-like row), fp32 + channels_last, that +
+torch.compile of the attack, bf16 + channels_last (pays only on a CPU with AMX /
+AVX512-BF16), and that + compile. GPU (marker gpu): the paper's ResNet-18 on synthetic
+3x32x32, batch 512, fastacl fp32, bf16, bf16 + channels_last, + compile, + compile with CUDA
+graphs ("reduce-overhead"); the baseline is fp32 (with PyTorch's default
+cudnn.allow_tf32 = True for both sides). The compile warm-up (tens of seconds) is in the
+untimed warm-up step.
 
 Measurement: one warm-up step (excluded: extension / oneDNN / cuDNN set-up and the loader's
 worker start), then `steps` timed steps; images/s = batch / mean step time (table) or batch /
@@ -39,11 +43,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch.profiler import record_function
 
 from fastacl.data import DeviceDataset, load_dataset
 from fastacl.losses import ACLLoss
@@ -60,6 +69,28 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
+class Variant:
+    """fastacl's speed options (TrainConfig fields); the baseline is always fp32, contiguous."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.precision]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.compile:
+            parts.append("compile" + (f"({self.compile_mode})" if self.compile_mode else ""))
+        return "+".join(parts)
+
+
+FP32 = Variant()
+
+
+@dataclass(frozen=True)
 class Case:
     name: str
     device: str
@@ -67,23 +98,24 @@ class Case:
     data: str  # "mnist5k" or "synthetic"
     batch: int
     steps: int  # timed steps (after 1 warm-up step)
-    options: tuple[tuple[str, bool], ...] = field(default=(("fp32", False),))
-    # (precision, channels_last) per fastacl variant; the baseline is always fp32, contiguous
+    variants: tuple[Variant, ...] = field(default=(FP32,))
 
 
+# bf16 on the CPU pays only with AMX / AVX512-BF16 (the development CPU has both); fp32 rows are
+# the like-for-like comparison.
+_CPU_VARIANTS = (FP32, Variant("fp32", True), Variant("fp32", True, True), Variant("bf16", True),
+                 Variant("bf16", True, True))
 CPU_CASES = (
-    Case("cpu-small-mnist", "cpu", "resnet18-small", "mnist5k", 128, 3),
-    Case("cpu-resnet18-32px", "cpu", "resnet18", "synthetic", 32, 2),
+    Case("cpu-small-mnist", "cpu", "resnet18-small", "mnist5k", 128, 3, _CPU_VARIANTS),
+    Case("cpu-resnet18-32px", "cpu", "resnet18", "synthetic", 32, 2, _CPU_VARIANTS),
 )
 GPU_CASES = (
     Case("gpu-resnet18-32px", "cuda", "resnet18", "synthetic", 512, 5,
-         options=(("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True))),
+         variants=(FP32, Variant("bf16"), Variant("bf16", True), Variant("bf16", True, True),
+                   Variant("bf16", True, True, "reduce-overhead"))),
 )
 DEFAULT_WORKERS = {"cpu": 2, "cuda": 4}
-
-
-def option_label(precision: str, channels_last: bool) -> str:
-    return precision + ("+channels_last" if channels_last else "")
+CIFAR10_TRAIN_IMAGES = 50_000  # seconds per epoch = this / images per second
 
 
 def case_images(case: Case) -> torch.Tensor:
@@ -96,11 +128,12 @@ def case_images(case: Case) -> torch.Tensor:
     return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=g)
 
 
-def case_config(case: Case, precision: str = "fp32", channels_last: bool = False) -> TrainConfig:
+def case_config(case: Case, variant: Variant = FP32) -> TrainConfig:
     return TrainConfig(
         method="acl-air", dataset="mnist5k" if case.data == "mnist5k" else "cifar10",
-        model=case.model, batch_size=case.batch, precision=precision,
-        channels_last=channels_last, device=case.device, evaluate=False,
+        model=case.model, batch_size=case.batch, precision=variant.precision,
+        channels_last=variant.channels_last, compile=variant.compile,
+        compile_mode=variant.compile_mode, device=case.device, evaluate=False,
     ).resolve()
 
 
@@ -142,11 +175,12 @@ class FastaclRunner:
 
     def step(self) -> None:
         cfg = self.cfg
-        x1, x2, x_orig = self.dataset.views(self._next_index(), 1.0, self.data_generator,
-                                            cfg.interpolation)
-        if cfg.channels_last:
-            x1, x2, x_orig = (t.contiguous(memory_format=torch.channels_last)
-                              for t in (x1, x2, x_orig))
+        with record_function("fastacl.data"):
+            x1, x2, x_orig = self.dataset.views(self._next_index(), 1.0, self.data_generator,
+                                                cfg.interpolation)
+            if cfg.channels_last:
+                x1, x2, x_orig = (t.contiguous(memory_format=torch.channels_last)
+                                  for t in (x1, x2, x_orig))
         train_step(self.model, self.loss_fn, self.optimizer, x_orig, x1, x2, cfg,
                    self.attack_generator)
         _sync(self.device)
@@ -172,11 +206,12 @@ class BaselineRunner:
     def step(self) -> None:
         if self._iterator is None:
             self._iterator = iter(self.loader)  # workers start here (the warm-up step)
-        batch = next(self._iterator, None)
-        if batch is None:  # end of an epoch
-            self._iterator = iter(self.loader)
-            batch = next(self._iterator)
-        x1, x2, x_orig = (t.to(self.device, non_blocking=True) for t in batch)
+        with record_function("fastacl.data"):  # waiting for the workers, then the copy
+            batch = next(self._iterator, None)
+            if batch is None:  # end of an epoch
+                self._iterator = iter(self.loader)
+                batch = next(self._iterator)
+            x1, x2, x_orig = (t.to(self.device, non_blocking=True) for t in batch)
         baseline_step(self.model, self.optimizer, x_orig, x1, x2, self.cfg)
         _sync(self.device)
 
@@ -189,11 +224,11 @@ class BaselineRunner:
         gc.collect()
 
 
-def make_runner(implementation: str, case: Case, images: torch.Tensor, precision="fp32",
-                channels_last=False, num_workers: int | None = None):
+def make_runner(implementation: str, case: Case, images: torch.Tensor,
+                variant: Variant = FP32, num_workers: int | None = None):
     model = _initial_model(case, images.shape[1])
     if implementation == "fastacl":
-        return FastaclRunner(images, model, case_config(case, precision, channels_last))
+        return FastaclRunner(images, model, case_config(case, variant))
     workers = DEFAULT_WORKERS[case.device] if num_workers is None else num_workers
     return BaselineRunner(images, model, case_config(case), workers)
 
@@ -209,6 +244,20 @@ def measure(runner, steps: int, warmup: int = 1) -> float:
     return runner.cfg.batch_size * steps / seconds
 
 
+def device_name(case: Case) -> str:
+    return torch.cuda.get_device_name() if case.device == "cuda" else f"cpu ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 # ----------------------------------------------------------------------------------------------
 # pytest-benchmark
 # ----------------------------------------------------------------------------------------------
@@ -218,36 +267,35 @@ _IMAGES_PER_S: dict[str, dict[str, float]] = {}
 def _params(cases, marks=()):
     params = []
     for case in cases:
-        for precision, channels_last in case.options:
-            label = option_label(precision, channels_last)
-            params.append(pytest.param(case, "fastacl", precision, channels_last,
-                                       id=f"{case.name}-fastacl-{label}", marks=marks))
-        params.append(pytest.param(case, "baseline", "fp32", False,
-                                   id=f"{case.name}-baseline-fp32", marks=marks))
+        for variant in case.variants:
+            params.append(pytest.param(case, "fastacl", variant,
+                                       id=f"{case.name}-fastacl-{variant.label}", marks=marks))
+        params.append(pytest.param(case, "baseline", FP32, id=f"{case.name}-baseline-fp32",
+                                   marks=marks))
     return params
 
 
 @pytest.mark.parametrize(
-    "case, implementation, precision, channels_last",
+    "case, implementation, variant",
     _params(CPU_CASES) + _params(GPU_CASES, marks=pytest.mark.gpu),
 )
-def test_train_step(benchmark, case, implementation, precision, channels_last):
+def test_train_step(benchmark, case, implementation, variant):
     images = case_images(case)
-    runner = make_runner(implementation, case, images, precision, channels_last)
+    runner = make_runner(implementation, case, images, variant)
     try:
         benchmark.group = f"train step {case.name} batch {case.batch}"
         benchmark.pedantic(runner.step, rounds=case.steps, warmup_rounds=1, iterations=1)
     finally:
         runner.close()
     images_per_s = case.batch / benchmark.stats.stats.median
-    label = (option_label(precision, channels_last) if implementation == "fastacl"
+    label = (variant.label if implementation == "fastacl"
              else f"baseline ({runner.num_workers} workers)")
     results = _IMAGES_PER_S.setdefault(case.name, {})
     results[label] = images_per_s
     benchmark.extra_info.update(
         implementation=implementation, options=label, batch=case.batch, model=case.model,
-        device=torch.cuda.get_device_name() if case.device == "cuda" else "cpu",
-        threads=torch.get_num_threads(), images_per_s=round(images_per_s, 2),
+        device=device_name(case), threads=torch.get_num_threads(),
+        images_per_s=round(images_per_s, 2),
     )
     baseline = next((v for k, v in results.items() if k.startswith("baseline")), None)
     if baseline is not None:  # print every ratio known so far for this case
@@ -260,55 +308,106 @@ def test_train_step(benchmark, case, implementation, precision, channels_last):
 
 
 # ----------------------------------------------------------------------------------------------
-# Table
+# Table (also `fastacl bench`)
 # ----------------------------------------------------------------------------------------------
-def run_case(case: Case, steps: int, num_workers: int | None):
-    """[(options, fastacl images/s)], baseline images/s, workers: fastacl variants first."""
+def run_case(case: Case, steps: int, num_workers: int | None, variants=None):
+    """[(variant label, fastacl images/s)], baseline images/s, workers: fastacl first."""
     images = case_images(case)
     fastacl = []
-    for precision, channels_last in case.options:
-        runner = make_runner("fastacl", case, images, precision, channels_last)
-        fastacl.append((option_label(precision, channels_last), measure(runner, steps)))
+    for variant in variants or case.variants:
+        runner = make_runner("fastacl", case, images, variant)
+        fastacl.append((variant.label, measure(runner, steps)))
         runner.close()
         del runner
+        gc.collect()
     runner = make_runner("baseline", case, images, num_workers=num_workers)
     baseline = measure(runner, steps)
     runner.close()
     return fastacl, baseline, runner.num_workers
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, timeout=5,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def parse_variant(text: str) -> Variant:
+    """"bf16+channels_last+compile" -> Variant; parts: fp32 | bf16, channels_last, compile."""
+    parts = [part.strip() for part in text.split("+") if part.strip()]
+    if not parts or parts[0] not in ("fp32", "bf16"):
+        raise ValueError(f"variant {text!r} must start with fp32 or bf16, e.g. "
+                         "bf16+channels_last+compile")
+    unknown = set(parts[1:]) - {"channels_last", "compile"}
+    if unknown:
+        raise ValueError(f"variant {text!r}: unknown part(s) {sorted(unknown)}; known: "
+                         "channels_last, compile")
+    return Variant(parts[0], "channels_last" in parts, "compile" in parts)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        prog="fastacl bench",
+        description="ACL-AIR training-step throughput: fastacl vs the published-style "
+        "baseline (benchmarks/baseline_step.py), same data, same run.")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--workers", type=int, default=None,
                         help="baseline DataLoader workers (default: 2 on CPU, 4 on GPU)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per measurement (default: per case, 2-5)")
     parser.add_argument("--cases", nargs="*", default=None,
-                        help="case names (default: the CPU cases, plus the GPU one with CUDA)")
+                        help="case names (default: the CPU cases, plus the GPU one with CUDA): "
+                        + ", ".join(c.name for c in (*CPU_CASES, *GPU_CASES)))
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="fastacl variants instead of each case's own, e.g. fp32 "
+                        "bf16+channels_last+compile")
+    parser.add_argument("--json", default=None, metavar="OUT", help="also write the rows here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [*CPU_CASES, *(GPU_CASES if HAS_CUDA else ())]
     if args.cases:
         known = {c.name: c for c in (*CPU_CASES, *GPU_CASES)}
+        unknown = [name for name in args.cases if name not in known]
+        if unknown:
+            parser.error(f"unknown case(s) {unknown}; known: {', '.join(known)}")
         cases = [known[name] for name in args.cases]
+    if any(case.device == "cuda" for case in cases) and not HAS_CUDA:
+        parser.error("a GPU case was asked for but torch sees no CUDA device")
+    variants = [parse_variant(v) for v in args.variants] if args.variants else None
+    commit, date = _git_commit(), time.strftime("%Y-%m-%d")
     print(f"ACL-AIR training step, fastacl vs published-style baseline; torch "
-          f"{torch.__version__}, CPU threads {torch.get_num_threads()}; 1 warm-up step, then "
-          "the mean over the timed steps")
-    header = (f"{'device':<18} {'model':<15} {'data':<16} {'batch':>5} {'fastacl options':<22} "
+          f"{torch.__version__}, CPU threads {torch.get_num_threads()}, commit {commit}, {date}; "
+          "1 warm-up step, then the mean over the timed steps")
+    header = (f"{'model':<15} {'data':<15} {'batch':>5} {'fastacl options':<28} "
               f"{'fastacl img/s':>13} {'baseline img/s':>14} {'workers':>7} {'ratio':>6}")
-    print(header)
-    print("-" * len(header))
+    rows = []
     for case in cases:
         steps = args.steps or case.steps
-        fastacl, baseline, workers = run_case(case, steps, args.workers)
-        device = torch.cuda.get_device_name() if case.device == "cuda" else "cpu"
+        print(f"\n{device_name(case)}\n{header}\n{'-' * len(header)}", flush=True)
+        fastacl, baseline, workers = run_case(case, steps, args.workers, variants)
         data = "mnist5k 1x28x28" if case.data == "mnist5k" else "synth. 3x32x32"
         for label, images_per_s in fastacl:
-            print(f"{device:<18} {case.model:<15} {data:<16} {case.batch:>5} {label:<22} "
+            row = {"case": case.name, "device": device_name(case), "model": case.model,
+                   "data": data, "batch": case.batch, "variant": label, "steps": steps,
+                   "threads": torch.get_num_threads(), "fastacl_images_per_s": images_per_s,
+                   "baseline_images_per_s": baseline, "baseline_workers": workers,
+                   "ratio": images_per_s / baseline, "commit": commit, "date": date,
+                   "torch": torch.__version__}
+            if case.device == "cuda":
+                row["fastacl_seconds_per_cifar10_epoch"] = CIFAR10_TRAIN_IMAGES / images_per_s
+            rows.append(row)
+            print(f"{case.model:<15} {data:<15} {case.batch:>5} {label:<28} "
                   f"{images_per_s:>13.1f} {baseline:>14.1f} {workers:>7} "
                   f"{images_per_s / baseline:>5.2f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"\nrows written to {args.json}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ _TRAIN_OPTIONS = {
     "air_form": (str, "exact | reference-code"),
     "dynaug_period": (int, "DynAug period K in epochs (default E/20)"),
     "interpolation": (str, "bicubic | bilinear (RandomResizedCrop)"),
-    "precision": (str, "fp32 | bf16 (autocast on CUDA)"),
+    "precision": (str, "fp32 | bf16 (autocast on CUDA, or on a CPU with AMX / AVX512-BF16)"),
+    "compile_mode": (str, "torch.compile mode with --compile, e.g. reduce-overhead (CUDA "
+                          "graphs)"),
     "seed": (int, "random seed"),
     "device": (str, "auto | cpu | cuda | cuda:N"),
     "out_dir": (str, "run directory (default runs/<method>-<dataset>-<timestamp>)"),
@@ -80,7 +82,8 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS
                  if getattr(args, name) is not None}
-    for flag in ("channels_last", "evaluate", "clip_random_start", "sync_bn", "gather_negatives"):
+    for flag in ("channels_last", "compile", "deterministic", "evaluate", "clip_random_start",
+                 "sync_bn", "gather_negatives"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.resume:
@@ -188,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the PGD attack's forward/backward (static shapes; "
+                       "the first step compiles)")
+    train.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                       help="bit-reproducible run (deterministic kernels, no TF32, fp32); "
+                       "slower on CUDA")
     train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
                        help="quick SLF + PGD-20 evaluation at the end (default on)")
     train.add_argument("--clip-random-start", action=argparse.BooleanOptionalAction,
@@ -242,12 +251,46 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     evaluate.add_argument("--json", default=None, metavar="OUT", help="write the results here")
     evaluate.set_defaults(func=_evaluate)
+
+    bench = commands.add_parser(
+        "bench", add_help=False,
+        help="training-step throughput, fastacl vs the published-style baseline "
+        "(benchmarks/bench_train_step.py; `fastacl bench --help` for its options)",
+    )
+    bench.set_defaults(func=_bench)  # its arguments go to the benchmark's own parser (main)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Runs benchmarks/bench_train_step.py's main: the baseline it compares with is a yardstick
+    that lives beside the benchmarks in a source checkout, not in the installed package."""
+    import importlib
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = folder / "bench_train_step.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"fastacl bench runs benchmarks/bench_train_step.py from a source checkout (the "
+            f"published-style baseline it measures against lives there, not in the installed "
+            f"package); not found at {script}. Install fastacl from a clone with "
+            "`pip install -e .` to use it"
+        )
+    sys.path.insert(0, str(folder))  # bench_train_step imports baseline_step beside it
+    try:
+        importlib.import_module("bench_train_step").main(args.bench_args)
+    finally:
+        sys.path.remove(str(folder))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` is the benchmark's own
+        args = argparse.Namespace(command="bench", func=_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -8,6 +8,7 @@ ACLLoss, LARS. Everything else here is bookkeeping: presets, schedules, checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -18,12 +19,14 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 METHODS = ("cl", "acl", "acl-air", "dynacl", "dynacl-air")
 PRESETS = ("demo", "paper")
@@ -77,8 +80,17 @@ class TrainConfig:
     air_form: str = "exact"  # "exact" | "reference-code"
     dynaug_period: int | None = None  # default max(1, round(E / 20))
     interpolation: str = "bicubic"
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast, CUDA only)
+    # Speed (issue 9; README "Speed"): bf16 autocast on the images' device (CUDA, or a CPU with
+    # AMX / AVX512-BF16: elsewhere bf16 on the CPU is slower than fp32), channels_last memory
+    # format, and torch.compile of the attack's forward/backward (static shapes; CUDA graphs
+    # with compile_mode="reduce-overhead"). None of them changes the algorithm.
+    precision: str = "fp32"  # "fp32" | "bf16"
     channels_last: bool = False
+    compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode; None: its default
+    # Bit-reproducible runs (same machine, thread count and versions): deterministic kernels,
+    # no TF32, fp32, no compile. Slower; see `deterministic_mode`.
+    deterministic: bool = False
     seed: int = 0
     device: str = "auto"
     # Under torchrun (DDP; batch_size stays the global batch): gather_negatives computes every
@@ -136,6 +148,12 @@ class TrainConfig:
             )
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+        if cfg.deterministic and (cfg.precision != "fp32" or cfg.compile):
+            raise ValueError(
+                "deterministic=True trades speed for bit-reproducibility and runs fp32 eager "
+                f"kernels: it cannot be combined with precision={cfg.precision!r} / "
+                f"compile={cfg.compile}"
+            )
         if cfg.air_form not in ("exact", "reference-code"):
             raise ValueError(f"air_form must be 'exact' or 'reference-code', got {cfg.air_form!r}")
         default_lambda = _METHOD_LAMBDAS[cfg.method]
@@ -223,6 +241,7 @@ def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, devi
     """The coreset for the epochs from `epoch` on: {"indices", "coreset_size",
     "selection_seconds"}. Seeded by (seed, epoch) only, so a resumed run selects the same."""
     from fastacl import coreset
+    from fastacl.ops import use_backend
 
     start = time.perf_counter()
     seed = cfg.seed * 1_000_003 + epoch + 500_009
@@ -230,18 +249,21 @@ def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, devi
         indices = coreset.random_coreset(pool, cfg.coreset_fraction,
                                          torch.Generator().manual_seed(cfg.seed + 500_009))
     else:
-        indices = coreset.select_coreset(
-            model, dataset, pool, validation, cfg.coreset_fraction, batch_size=cfg.batch_size,
-            eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps,
-            temperature=cfg.temperature, granularity=cfg.coreset_granularity,
-            refresh=cfg.coreset_refresh, refresh_every=cfg.coreset_refresh_every,
-            divergence=cfg.coreset_divergence, simulated_lr=cfg.coreset_simulated_lr,
-            simulated_steps=cfg.coreset_simulated_steps,
-            budget_rounding=cfg.coreset_budget_rounding,
-            strength=augmentation_strength(cfg, epoch), interpolation=cfg.interpolation,
-            generator=torch.Generator().manual_seed(seed),
-            attack_generator=torch.Generator(device).manual_seed(seed),
-        ).indices
+        # Deterministic mode: the PyTorch reference instead of the CUDA kernels' atomics.
+        backend = use_backend("torch") if cfg.deterministic else contextlib.nullcontext()
+        with backend:
+            indices = coreset.select_coreset(
+                model, dataset, pool, validation, cfg.coreset_fraction, batch_size=cfg.batch_size,
+                eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps,
+                temperature=cfg.temperature, granularity=cfg.coreset_granularity,
+                refresh=cfg.coreset_refresh, refresh_every=cfg.coreset_refresh_every,
+                divergence=cfg.coreset_divergence, simulated_lr=cfg.coreset_simulated_lr,
+                simulated_steps=cfg.coreset_simulated_steps,
+                budget_rounding=cfg.coreset_budget_rounding,
+                strength=augmentation_strength(cfg, epoch), interpolation=cfg.interpolation,
+                generator=torch.Generator().manual_seed(seed),
+                attack_generator=torch.Generator(device).manual_seed(seed),
+            ).indices
     return {"indices": indices.cpu(), "coreset_size": int(indices.numel()),
             "selection_seconds": time.perf_counter() - start}
 
@@ -273,33 +295,94 @@ def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, atta
     from fastacl.distributed import unwrap_ddp
     from fastacl.ops import nt_xent
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
-                              and x1.is_cuda)
+    bf16 = cfg.precision == "bf16"
+    autocast = torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16)
+    # record_function: the phases are named in torch.profiler traces (benchmarks/profile_step.py)
     if not cfg.is_adversarial:
-        with autocast:
+        with autocast, record_function("fastacl.forward"):
             z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
             terms = {"total": nt_xent(z1, z2, cfg.temperature,
                                       gather_distributed=cfg.gather_negatives)}
     else:
         # The attack puts the model in eval mode and computes input gradients only. Under DDP it
         # runs on the inner module (no gradient all-reduce) with this rank's negatives only.
-        x1_adv, x2_adv = pgd_contrastive(
-            unwrap_ddp(model), x1, x2, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
-            branch="adv", generator=attack_generator, temperature=cfg.temperature,
-            clip_random_start=cfg.clip_random_start,
-            autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" and x1.is_cuda else None,
-        )
-        with autocast:
+        attack_model = unwrap_ddp(model)
+        if cfg.compile:
+            attack_model = compiled_for_attack(attack_model, cfg.compile_mode)
+        with record_function("fastacl.attack"):
+            x1_adv, x2_adv = pgd_contrastive(
+                attack_model, x1, x2, eps=cfg.eps, step_size=cfg.step_size,
+                steps=cfg.attack_steps, branch="adv", generator=attack_generator,
+                temperature=cfg.temperature, clip_random_start=cfg.clip_random_start,
+                autocast_dtype=torch.bfloat16 if bf16 else None,
+            )
+        with autocast, record_function("fastacl.forward"):
             z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), branch="adv").float().chunk(2)
             z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
             # The originals' pass is needed by SIR / AIR only.
             z_orig = (model(x_orig, branch="normal").float()
                       if loss_fn.lambda1 > 0 or loss_fn.lambda2 > 0 else None)
-        terms = loss_fn(z1, z2, z_orig, z1_adv, z2_adv)._asdict()
-    optimizer.zero_grad(set_to_none=True)
-    terms["total"].backward()
-    optimizer.step()
+            terms = loss_fn(z1, z2, z_orig, z1_adv, z2_adv)._asdict()
+    with record_function("fastacl.backward"):
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+    with record_function("fastacl.optimizer"):
+        optimizer.step()
     return {name: value.detach() for name, value in terms.items() if value is not None}
+
+
+# torch.compile'd wrappers of models, one per (model, mode); weak keys, so a model's wrapper goes
+# with the model.
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_for_attack(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """`torch.compile(model)` for the PGD loop, built once per model and reused every step.
+
+    The attack always calls it the same way (eval mode, frozen parameters, one batch shape, the
+    "adv" branch), so after the first step every call reuses one compiled graph (static
+    shapes); the backward that autograd.grad runs is compiled too and computes input gradients
+    only. The wrapper shares the model's parameters, so optimiser updates need no recompile.
+    """
+    by_mode = _COMPILED.setdefault(model, {})
+    if mode not in by_mode:
+        by_mode[mode] = torch.compile(model, mode=mode, dynamic=False)
+    return by_mode[mode]
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool = True):
+    """Bit-reproducible kernels inside the block; every global flag it touches restored after.
+
+    Sets torch.use_deterministic_algorithms(True) (an op without a deterministic kernel raises
+    instead of silently varying), cuDNN deterministic with autotuning off, TF32 off for matmul
+    and cuDNN, and CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset (cuBLAS needs it before its first
+    use; set it in the environment if CUDA ran before). fastacl's own Triton kernels reduce in a
+    fixed order (no atomics); RCS's CUDA kernels accumulate with atomics, so `fastacl.train` runs
+    RCS through the PyTorch reference in this mode. Reproducible means: same machine, versions
+    and CPU thread count. On the CPU fastacl's step is already deterministic, so the cost is on
+    CUDA (no cuDNN autotuning, fp32 matmuls, slower deterministic kernels).
+    """
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = saved[2:6]
+        if saved[6] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +587,8 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         # Rank 0 alone decides a new run's directory (and whether it is taken).
         out = (Path(resume) if resume is not None
                else distributed.on_main_process(lambda: _prepare_out_dir(cfg)))
-        return _run(cfg, out, checkpoint, on_step)
+        with deterministic_mode(cfg.deterministic):
+            return _run(cfg, out, checkpoint, on_step)
     finally:
         if owns_group:
             distributed.destroy()

@@ -32,6 +32,18 @@ def _seed_and_default_backend(monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`): tiny tensors run as fast on one, and
+    on a shared 2-core machine two OpenMP threads can spin-wait on each other (measured here:
+    2 s with one thread, 35 s with two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (the suite's tolerance measure)."""
     actual = actual.detach().double().cpu()

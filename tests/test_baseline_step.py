@@ -34,14 +34,7 @@ TOL = 1e-5
 N, SIZE = 4, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and on a shared machine two OpenMP threads can
-    spin-wait on each other (measured here: 2 s with one thread, 35 s with two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_model():

@@ -2,12 +2,8 @@
 OpenMP threads contending with other processes made them 10-20x slower (measured)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_intra_op_thread(one_thread):  # tests/conftest.py
     yield
-    torch.set_num_threads(previous)
