@@ -172,8 +172,11 @@ def _head(model: nn.Module, features: torch.Tensor, branch: str) -> torch.Tensor
         return model.head(features).float()
 
 
-def _features(model: nn.Module, x: torch.Tensor, branch: str, batch_size: int) -> torch.Tensor:
-    with torch.no_grad(), bn_branch(model, branch):
+def _features(model: nn.Module, x: torch.Tensor, branch: str, batch_size: int,
+              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    autocast = torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
+                              enabled=autocast_dtype is not None)
+    with torch.no_grad(), bn_branch(model, branch), autocast:
         return torch.cat([model.backbone(chunk).float() for chunk in x.split(batch_size)])
 
 
@@ -302,7 +305,7 @@ class _Candidates:
 
 def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
                          step_size, attack_steps, temperature, strength, interpolation,
-                         generator, attack_generator) -> _Candidates:
+                         generator, attack_generator, autocast_dtype) -> _Candidates:
     order = pool[torch.randperm(pool.numel(), generator=generator)]
     elements, projections, offsets, scales = [], [], [0], []
     inputs = [[] for _ in layers]
@@ -318,9 +321,9 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
         x1, x2, _ = dataset.views(index, strength, generator, interpolation)
         x1_adv, x2_adv = pgd_contrastive(model, x1, x2, eps=eps, step_size=step_size,
                                          steps=attack_steps, generator=attack_generator,
-                                         temperature=temperature)
-        f_adv = _features(model, torch.cat([x1_adv, x2_adv]), "adv", 2 * b)
-        f_nat = _features(model, torch.cat([x1, x2]), "normal", 2 * b)
+                                         temperature=temperature, autocast_dtype=autocast_dtype)
+        f_adv = _features(model, torch.cat([x1_adv, x2_adv]), "adv", 2 * b, autocast_dtype)
+        f_nat = _features(model, torch.cat([x1, x2]), "normal", 2 * b, autocast_dtype)
         _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")],
                                   selection_loss)
         # Rows come as [view 1 adv, view 2 adv, view 1, view 2] x b: make each image's 4 rows
@@ -403,6 +406,7 @@ def select_coreset(
     interpolation: str = "bicubic",
     generator: torch.Generator | None = None,
     attack_generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> CoresetSelection:
     """One RCS selection round (spec/rcs.md section 3; the module docstring states the choices).
 
@@ -429,6 +433,9 @@ def select_coreset(
         strength, interpolation: augmentation of the candidates' views.
         generator: CPU generator of the pool's shuffle and the views; attack_generator: the PGD
             random starts (on the model's device).
+        autocast_dtype: torch.bfloat16 runs the pass over the pool (its PGD and backbone
+            forwards, most of a round's cost) under bf16 autocast, as a bf16 training run does;
+            the head gradients, U's attack and the greedy loop stay fp32. None: fp32.
     """
     start_time = time.perf_counter()
     op = "select_coreset"
@@ -478,7 +485,7 @@ def select_coreset(
                 granularity=granularity, eps=eps, step_size=step_size,
                 attack_steps=attack_steps, temperature=temperature, strength=strength,
                 interpolation=interpolation, generator=generator,
-                attack_generator=attack_generator,
+                attack_generator=attack_generator, autocast_dtype=autocast_dtype,
             )
             pass_seconds = time.perf_counter() - start_time
 

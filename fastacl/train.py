@@ -148,6 +148,8 @@ class TrainConfig:
             )
         if cfg.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+        if cfg.compile_mode is not None and not cfg.compile:
+            raise ValueError(f"compile_mode={cfg.compile_mode!r} needs compile=True (--compile)")
         if cfg.deterministic and (cfg.precision != "fp32" or cfg.compile):
             raise ValueError(
                 "deterministic=True trades speed for bit-reproducibility and runs fp32 eager "
@@ -263,6 +265,7 @@ def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, devi
                 strength=augmentation_strength(cfg, epoch), interpolation=cfg.interpolation,
                 generator=torch.Generator().manual_seed(seed),
                 attack_generator=torch.Generator(device).manual_seed(seed),
+                autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
             ).indices
     return {"indices": indices.cpu(), "coreset_size": int(indices.numel()),
             "selection_seconds": time.perf_counter() - start}

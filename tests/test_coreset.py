@@ -29,12 +29,7 @@ N_IMAGES, BATCH = 96, 16
 TINY = dict(max_train=128, batch_size=16, attack_steps=1, evaluate=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the CPU is shared
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +100,21 @@ def test_selection_returns_the_budget_unique_and_none_from_u(dataset, granularit
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_bf16_selection_autocasts_the_pool_pass_and_keeps_the_budget(dataset):
+    model = _model().train()
+    dtypes = []
+    conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool, validation, selection = _select(model, dataset, autocast_dtype=torch.bfloat16)
+    assert torch.bfloat16 in dtypes  # the pool pass (attack and features)
+    assert torch.float32 in dtypes  # U's attack and features stay fp32
+    indices = selection.indices
+    assert indices.numel() == selection.budget == 18 and indices.unique().numel() == 18
+    assert torch.isin(indices, pool).all() and not torch.isin(indices, validation).any()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_published_flooring_takes_whole_minibatches(dataset):
@@ -283,8 +293,10 @@ def test_schedule_defaults_scale_with_the_epochs():
     assert selections[:3] == [101, 121, 141] and len(selections) == 45
 
 
-def test_rcs_run_records_its_selections(tmp_path):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs", **TINY)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rcs_run_records_its_selections(tmp_path, precision):
+    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs",
+                                 precision=precision, **TINY)
     first, second = _records(result.out_dir)
     # U (8 images) is held out: epoch 1 trains on the 120-image pool, epoch 2 on its coreset.
     assert first["train_images"] == 120 and "coreset_size" not in first

@@ -137,6 +137,11 @@ def test_deterministic_mode_refuses_fast_paths(overrides):
         _cfg(deterministic=True, **overrides)
 
 
+def test_compile_mode_needs_compile():
+    with pytest.raises(ValueError, match="needs compile=True"):
+        _cfg(compile_mode="reduce-overhead")
+
+
 @pytest.mark.parametrize("initially", [False, True])
 def test_deterministic_mode_sets_and_restores_the_flags(initially, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
