@@ -302,8 +302,9 @@ def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, atta
     autocast = torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=bf16)
     # record_function: the phases are named in torch.profiler traces (benchmarks/profile_step.py)
     if not cfg.is_adversarial:
-        with autocast, record_function("fastacl.forward"):
-            z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
+        with record_function("fastacl.forward"):
+            with autocast:
+                z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
             terms = {"total": nt_xent(z1, z2, cfg.temperature,
                                       gather_distributed=cfg.gather_negatives)}
     else:
@@ -319,12 +320,15 @@ def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, atta
                 temperature=cfg.temperature, clip_random_start=cfg.clip_random_start,
                 autocast_dtype=torch.bfloat16 if bf16 else None,
             )
-        with autocast, record_function("fastacl.forward"):
-            z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]), branch="adv").float().chunk(2)
-            z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
-            # The originals' pass is needed by SIR / AIR only.
-            z_orig = (model(x_orig, branch="normal").float()
-                      if loss_fn.lambda1 > 0 or loss_fn.lambda2 > 0 else None)
+        with record_function("fastacl.forward"):
+            with autocast:
+                z1_adv, z2_adv = model(torch.cat([x1_adv, x2_adv]),
+                                       branch="adv").float().chunk(2)
+                z1, z2 = model(torch.cat([x1, x2]), branch="normal").float().chunk(2)
+                # The originals' pass is needed by SIR / AIR only.
+                z_orig = (model(x_orig, branch="normal").float()
+                          if loss_fn.lambda1 > 0 or loss_fn.lambda2 > 0 else None)
+            # The losses in fp32, outside autocast (softmaxes over the batch need the range).
             terms = loss_fn(z1, z2, z_orig, z1_adv, z2_adv)._asdict()
     with record_function("fastacl.backward"):
         optimizer.zero_grad(set_to_none=True)

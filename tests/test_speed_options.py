@@ -71,6 +71,25 @@ def test_bf16_autocasts_on_the_cpu_and_stays_close_to_fp32():
     assert relative_error(fast["total"], reference["total"]) < 0.02
 
 
+@pytest.mark.parametrize("form", ["exact", "reference-code"])
+def test_loss_ops_stay_fp32_inside_a_bf16_autocast_region(form):
+    """The trainer computes the losses on fp32 projections; a user calling the ops inside an
+    autocast region must get the same fp32 losses and gradients, not bf16 matmuls."""
+    g = torch.Generator().manual_seed(0)
+    z = [torch.randn(37, 19, generator=g, requires_grad=True) for _ in range(5)]
+    loss_fn = ACLLoss(0.2, 0.5, 0.5, 0.5, form)
+    outside = loss_fn(*z)._asdict()
+    grads_outside = torch.autograd.grad(outside["total"], z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss_fn(*z)._asdict()
+        assert torch.mm(z[0], z[1].T).dtype == torch.bfloat16  # autocast is really on
+    grads_inside = torch.autograd.grad(inside["total"], z)
+    for name, value in outside.items():
+        assert inside[name].dtype == torch.float32 and torch.equal(inside[name], value), name
+    for a, b in zip(grads_outside, grads_inside, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bf16_attack_is_as_strong_as_fp32():
     """bf16 input gradients are noisier, but the attack only uses their signs: measured in fp32,
     the bf16 attack raises NT-Xent as much as the fp32 one (here 3.776 vs 3.770 from 3.449;

@@ -45,3 +45,12 @@ def check_form(op: str, form: str) -> str:
     if form not in FORMS:
         raise ValueError(f"{op}: unknown form {form!r}: expected one of {', '.join(FORMS)}")
     return form
+
+
+def autocast_off(tensor: torch.Tensor):
+    """Autocast disabled on `tensor`'s device: the loss ops compute in their inputs' precision.
+
+    Inside a bf16 autocast region the ops' PyTorch path would otherwise run its matmuls in bf16
+    (autocast reaches into a custom op's body); the losses are softmaxes over the batch and are
+    meant to be fp32 whatever the backbone ran in. The backward is never under autocast."""
+    return torch.autocast(tensor.device.type, enabled=False)

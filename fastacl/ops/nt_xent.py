@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastacl.ops import _dispatch
-from fastacl.ops._checks import check_embeddings, check_temperature
+from fastacl.ops._checks import autocast_off, check_embeddings, check_temperature
 
 # dtypes the kernels take (they accumulate in fp32, which would lose float64's precision)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -167,5 +167,6 @@ def nt_xent(
         from fastacl.distributed import all_gather_rows
 
         z1, z2 = all_gather_rows(z1, z2)
-    loss, _ = nt_xent_forward(z1, z2, temperature)
+    with autocast_off(z1):
+        loss, _ = nt_xent_forward(z1, z2, temperature)
     return loss

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastacl.ops import _dispatch
-from fastacl.ops._checks import check_embeddings, check_form, check_temperature
+from fastacl.ops._checks import autocast_off, check_embeddings, check_form, check_temperature
 
 # ---------------------------------------------------------------------------------------------
 # Reference: the one statement of the math, the oracle of the tests and the CPU path.
@@ -229,7 +229,8 @@ def sir(z1, z2, z_orig, temperature: float = 0.5, form: str = "exact") -> torch.
     check_embeddings("sir", z1=z1, z2=z2, z_orig=z_orig)
     temperature = check_temperature("sir", temperature)
     check_form("sir", form)
-    return _sir_forward(z1, z2, z_orig, temperature, form)
+    with autocast_off(z1):
+        return _sir_forward(z1, z2, z_orig, temperature, form)
 
 
 def air(z1, z2, z_orig, z1_adv, z2_adv, temperature: float = 0.5, form: str = "exact"):
@@ -248,4 +249,5 @@ def air(z1, z2, z_orig, z1_adv, z2_adv, temperature: float = 0.5, form: str = "e
     check_embeddings("air", z1=z1, z2=z2, z_orig=z_orig, z1_adv=z1_adv, z2_adv=z2_adv)
     temperature = check_temperature("air", temperature)
     check_form("air", form)
-    return _air_forward(z1, z2, z_orig, z1_adv, z2_adv, temperature, form)
+    with autocast_off(z1):
+        return _air_forward(z1, z2, z_orig, z1_adv, z2_adv, temperature, form)
