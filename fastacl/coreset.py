@@ -305,7 +305,7 @@ class _Candidates:
 
 def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
                          step_size, attack_steps, temperature, strength, interpolation,
-                         generator, attack_generator, autocast_dtype) -> _Candidates:
+                         generator, attack_generator, autocast_dtype=None) -> _Candidates:
     order = pool[torch.randperm(pool.numel(), generator=generator)]
     elements, projections, offsets, scales = [], [], [0], []
     inputs = [[] for _ in layers]
