@@ -76,6 +76,7 @@ class Variant:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str | None = None
+    fold_bn: bool = True  # "no_fold": the attack runs the model's own BN layers
 
     @property
     def label(self) -> str:
@@ -84,6 +85,8 @@ class Variant:
             parts.append("channels_last")
         if self.compile:
             parts.append("compile" + (f"({self.compile_mode})" if self.compile_mode else ""))
+        if not self.fold_bn:
+            parts.append("no_fold")
         return "+".join(parts)
 
 
@@ -133,7 +136,8 @@ def case_config(case: Case, variant: Variant = FP32) -> TrainConfig:
         method="acl-air", dataset="mnist5k" if case.data == "mnist5k" else "cifar10",
         model=case.model, batch_size=case.batch, precision=variant.precision,
         channels_last=variant.channels_last, compile=variant.compile,
-        compile_mode=variant.compile_mode, device=case.device, evaluate=False,
+        compile_mode=variant.compile_mode, fold_bn=variant.fold_bn, device=case.device,
+        evaluate=False,
     ).resolve()
 
 
@@ -336,16 +340,18 @@ def _git_commit() -> str | None:
 
 
 def parse_variant(text: str) -> Variant:
-    """"bf16+channels_last+compile" -> Variant; parts: fp32 | bf16, channels_last, compile."""
+    """"bf16+channels_last+compile" -> Variant; parts: fp32 | bf16, channels_last, compile,
+    no_fold (the attack without BN folding)."""
     parts = [part.strip() for part in text.split("+") if part.strip()]
     if not parts or parts[0] not in ("fp32", "bf16"):
         raise ValueError(f"variant {text!r} must start with fp32 or bf16, e.g. "
                          "bf16+channels_last+compile")
-    unknown = set(parts[1:]) - {"channels_last", "compile"}
+    unknown = set(parts[1:]) - {"channels_last", "compile", "no_fold"}
     if unknown:
         raise ValueError(f"variant {text!r}: unknown part(s) {sorted(unknown)}; known: "
-                         "channels_last, compile")
-    return Variant(parts[0], "channels_last" in parts, "compile" in parts)
+                         "channels_last, compile, no_fold")
+    return Variant(parts[0], "channels_last" in parts, "compile" in parts,
+                   fold_bn="no_fold" not in parts)
 
 
 def main(argv=None) -> list[dict]:

@@ -69,6 +69,8 @@ _TRAIN_OPTIONS = {
     "coreset_granularity": (str, "batch | sample: RCS picks minibatches or images"),
     "coreset_refresh": (str, "exact | cached: how RCS refreshes the validation gradient"),
     "coreset_refresh_every": (int, "cached refresh: re-attack U every m picks (default 20)"),
+    "coreset_attack_steps": (int, "PGD steps of the RCS pass over the pool (default: "
+                             "--attack-steps, the spec's 5; fewer: a cheaper round)"),
     "coreset_divergence": (str, "minmax-kl | softmax-kl: the RD divergence"),
     "coreset_simulated_lr": (float, "eta' of the simulated head step (default 0.01)"),
     "coreset_simulated_steps": (int, "times the step is applied (2: the published code)"),
@@ -82,8 +84,8 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS
                  if getattr(args, name) is not None}
-    for flag in ("channels_last", "compile", "deterministic", "evaluate", "clip_random_start",
-                 "sync_bn", "gather_negatives"):
+    for flag in ("channels_last", "compile", "fold_bn", "deterministic", "evaluate",
+                 "clip_random_start", "sync_bn", "gather_negatives"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     if args.resume:
@@ -194,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the PGD attack's forward/backward (static shapes; "
                        "the first step compiles)")
+    train.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=None,
+                       help="fold the eval-mode BN into the convolutions for the attack (default "
+                       "on; the same function up to float rounding)")
     train.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                        help="bit-reproducible run (deterministic kernels, no TF32, fp32); "
                        "slower on CUDA")

@@ -54,6 +54,7 @@ from torch import nn
 
 from fastacl.attacks import _ascend, _forward, _uniform_start, frozen_eval, pgd_contrastive
 from fastacl.models.dual_bn import bn_branch
+from fastacl.models.folded import can_fold, folded_for_attack
 from fastacl.ops import greedy_pick, nt_xent, rcs_project
 
 __all__ = [
@@ -172,12 +173,21 @@ def _head(model: nn.Module, features: torch.Tensor, branch: str) -> torch.Tensor
         return model.head(features).float()
 
 
+def _on_branch(model: nn.Module, branch: str, fold_bn: bool) -> nn.Module:
+    """What the round runs on `branch` (the model is in eval mode throughout): its folded mirror
+    refreshed to the current weights (fastacl.models.folded: the same function without the BN
+    kernels), or the model itself, routed by the caller."""
+    return folded_for_attack(model, branch) if fold_bn and can_fold(model) else model
+
+
 def _features(model: nn.Module, x: torch.Tensor, branch: str, batch_size: int,
-              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+              autocast_dtype: torch.dtype | None = None, fold_bn: bool = True) -> torch.Tensor:
     autocast = torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
                               enabled=autocast_dtype is not None)
+    runner = _on_branch(model, branch, fold_bn)
+    encoder = runner.features if runner is not model else model.backbone
     with torch.no_grad(), bn_branch(model, branch), autocast:
-        return torch.cat([model.backbone(chunk).float() for chunk in x.split(batch_size)])
+        return torch.cat([encoder(chunk).float() for chunk in x.split(batch_size)])
 
 
 def _head_pairs(model, layers, inputs, loss_fn):
@@ -240,24 +250,28 @@ def representational_divergence(z_adv: torch.Tensor, z_nat: torch.Tensor,
 
 def rd_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float | None = None,
               steps: int = RD_STEPS, divergence: str = "minmax-kl",
-              generator: torch.Generator | None = None, batch_size: int = 512) -> torch.Tensor:
+              generator: torch.Generator | None = None, batch_size: int = 512,
+              fold_bn: bool = True) -> torch.Tensor:
     """x~ = argmax over the l_inf eps-ball of d(h(x', "adv"), h(x, "normal")), by PGD from a
     uniform start (spec section 1); step_size defaults to 1.25 eps / 3. d is separable over the
-    images, so the attack runs in chunks of batch_size. Returns x~ (detached)."""
+    images, so the attack runs in chunks of batch_size. fold_bn: run fastacl's ResNet-18 through
+    its folded eval-mode mirrors (same function, no BN kernels). Returns x~ (detached)."""
     step_size = RD_STEP_RATIO * eps if step_size is None else step_size
+    natural, adversarial = (_on_branch(model, branch, fold_bn) for branch in ("normal", "adv"))
     out = []
     for chunk in x.split(batch_size):
         chunk = chunk.detach()
         with frozen_eval(model), torch.no_grad(), bn_branch(model, "normal"):
-            z_nat = _forward(model, chunk, "normal")
+            z_nat = _forward(natural, chunk, "normal")
 
         def divergence_of(x_adv, z_nat=z_nat):
             with bn_branch(model, "adv"):  # also routes a converted user model
-                z_adv = _forward(model, x_adv, "adv")
+                z_adv = _forward(adversarial, x_adv, "adv")
             return representational_divergence(z_adv, z_nat, divergence)
 
         start = _uniform_start(chunk, eps, generator, clip=True)
-        out.append(_ascend(model, divergence_of, chunk, start, eps, step_size, steps))
+        with frozen_eval(model):
+            out.append(_ascend(adversarial, divergence_of, chunk, start, eps, step_size, steps))
     return torch.cat(out)
 
 
@@ -305,7 +319,8 @@ class _Candidates:
 
 def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
                          step_size, attack_steps, temperature, strength, interpolation,
-                         generator, attack_generator, autocast_dtype=None) -> _Candidates:
+                         generator, attack_generator, autocast_dtype=None,
+                         fold_bn=True) -> _Candidates:
     order = pool[torch.randperm(pool.numel(), generator=generator)]
     elements, projections, offsets, scales = [], [], [0], []
     inputs = [[] for _ in layers]
@@ -319,11 +334,13 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
     for index in _minibatches(order, batch_size):
         b = index.numel()
         x1, x2, _ = dataset.views(index, strength, generator, interpolation)
-        x1_adv, x2_adv = pgd_contrastive(model, x1, x2, eps=eps, step_size=step_size,
-                                         steps=attack_steps, generator=attack_generator,
-                                         temperature=temperature, autocast_dtype=autocast_dtype)
-        f_adv = _features(model, torch.cat([x1_adv, x2_adv]), "adv", 2 * b, autocast_dtype)
-        f_nat = _features(model, torch.cat([x1, x2]), "normal", 2 * b, autocast_dtype)
+        x1_adv, x2_adv = pgd_contrastive(_on_branch(model, "adv", fold_bn), x1, x2, eps=eps,
+                                         step_size=step_size, steps=attack_steps,
+                                         generator=attack_generator, temperature=temperature,
+                                         autocast_dtype=autocast_dtype)
+        f_adv = _features(model, torch.cat([x1_adv, x2_adv]), "adv", 2 * b, autocast_dtype,
+                          fold_bn)
+        f_nat = _features(model, torch.cat([x1, x2]), "normal", 2 * b, autocast_dtype, fold_bn)
         _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")],
                                   selection_loss)
         # Rows come as [view 1 adv, view 2 adv, view 1, view 2] x b: make each image's 4 rows
@@ -407,6 +424,7 @@ def select_coreset(
     generator: torch.Generator | None = None,
     attack_generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    fold_bn: bool = True,
 ) -> CoresetSelection:
     """One RCS selection round (spec/rcs.md section 3; the module docstring states the choices).
 
@@ -436,6 +454,9 @@ def select_coreset(
         autocast_dtype: torch.bfloat16 runs the pass over the pool (its PGD and backbone
             forwards, most of a round's cost) under bf16 autocast, as a bf16 training run does;
             the head gradients, U's attack and the greedy loop stay fp32. None: fp32.
+        fold_bn: run the frozen eval-mode model (pool pass, U's attack and features) through
+            its folded mirrors (fastacl.models.folded): the same function up to float rounding,
+            without the BN kernels. Only fastacl's ResNet-18 folds; other models run as they are.
     """
     start_time = time.perf_counter()
     op = "select_coreset"
@@ -486,16 +507,17 @@ def select_coreset(
                 attack_steps=attack_steps, temperature=temperature, strength=strength,
                 interpolation=interpolation, generator=generator,
                 attack_generator=attack_generator, autocast_dtype=autocast_dtype,
+                fold_bn=fold_bn,
             )
             pass_seconds = time.perf_counter() - start_time
 
             x_u = dataset.fetch(validation).to(torch.float32) / 255.0
-            f_nat = _features(model, x_u, "normal", batch_size)
+            f_nat = _features(model, x_u, "normal", batch_size, fold_bn=fold_bn)
 
             def attack_validation():
                 x_adv = rd_attack(model, x_u, eps, rd_step_size, rd_steps, divergence,
-                                  attack_generator, batch_size)
-                return _features(model, x_adv, "adv", batch_size)
+                                  attack_generator, batch_size, fold_bn)
+                return _features(model, x_adv, "adv", batch_size, fold_bn=fold_bn)
 
             f_adv = attack_validation()
             v = _validation_projection(model, layers, bias, f_adv, f_nat, divergence)

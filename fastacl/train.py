@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
+from fastacl.models.folded import FoldedResNet18, can_fold, folded_for_attack
+
 METHODS = ("cl", "acl", "acl-air", "dynacl", "dynacl-air")
 PRESETS = ("demo", "paper")
 PAPER_DATASETS = ("cifar10", "cifar100", "stl10")
@@ -88,6 +90,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode; None: its default
+    # Fold the eval-mode BN into the convolutions for the attacks (fastacl.models.folded): the
+    # same function up to float rounding, without the BN kernels. False: the model as it is.
+    fold_bn: bool = True
     # Bit-reproducible runs (same machine, thread count and versions): deterministic kernels,
     # no TF32, fp32, no compile. Slower; see `deterministic_mode`.
     deterministic: bool = False
@@ -115,6 +120,9 @@ class TrainConfig:
     coreset_granularity: str = "batch"  # "batch" | "sample"
     coreset_refresh: str = "exact"  # "exact" | "cached"
     coreset_refresh_every: int = 20  # "cached": re-attack U every m picks
+    # PGD steps of the pool pass (spec: the training attack's, 5). Fewer make a round cheaper
+    # (the pass is 75-90% of it) and change what the selection sees: benchmarks/RESULTS.md.
+    coreset_attack_steps: int | None = None  # default: attack_steps
     coreset_divergence: str = "minmax-kl"  # "minmax-kl" | "softmax-kl"
     coreset_simulated_lr: float = 0.01  # eta' of the simulated head step
     coreset_simulated_steps: int = 1  # 2 reproduces the published code's doubled step
@@ -215,6 +223,11 @@ def _resolve_coreset(cfg: TrainConfig) -> None:
             f"{cfg.coreset_refresh_every}, {cfg.coreset_simulated_lr}, "
             f"{cfg.coreset_simulated_steps}"
         )
+    if cfg.coreset_attack_steps is None:
+        cfg.coreset_attack_steps = cfg.attack_steps
+    if cfg.coreset_attack_steps < 0:
+        raise ValueError(f"coreset_attack_steps must be >= 0 (PGD steps of the selection's pass "
+                         f"over the pool), got {cfg.coreset_attack_steps}")
     # spec/acl-air.md section 5: RCS warm-up E/10 and interval E/50 (100 and 20 at E = 1000).
     if cfg.coreset_warmup is None:
         cfg.coreset_warmup = max(1, round(cfg.epochs / 10))
@@ -256,7 +269,7 @@ def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, devi
         with backend:
             indices = coreset.select_coreset(
                 model, dataset, pool, validation, cfg.coreset_fraction, batch_size=cfg.batch_size,
-                eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.attack_steps,
+                eps=cfg.eps, step_size=cfg.step_size, attack_steps=cfg.coreset_attack_steps,
                 temperature=cfg.temperature, granularity=cfg.coreset_granularity,
                 refresh=cfg.coreset_refresh, refresh_every=cfg.coreset_refresh_every,
                 divergence=cfg.coreset_divergence, simulated_lr=cfg.coreset_simulated_lr,
@@ -266,6 +279,7 @@ def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, devi
                 generator=torch.Generator().manual_seed(seed),
                 attack_generator=torch.Generator(device).manual_seed(seed),
                 autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+                fold_bn=cfg.fold_bn,
             ).indices
     return {"indices": indices.cpu(), "coreset_size": int(indices.numel()),
             "selection_seconds": time.perf_counter() - start}
@@ -311,6 +325,8 @@ def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, atta
         # The attack puts the model in eval mode and computes input gradients only. Under DDP it
         # runs on the inner module (no gradient all-reduce) with this rank's negatives only.
         attack_model = unwrap_ddp(model)
+        if cfg.fold_bn and can_fold(attack_model):
+            attack_model = folded_for_attack(attack_model, "adv")  # refreshed: current weights
         if cfg.compile:
             attack_model = compiled_for_attack(attack_model, cfg.compile_mode)
         with record_function("fastacl.attack"):
@@ -349,9 +365,15 @@ def compiled_for_attack(model: torch.nn.Module, mode: str | None = None) -> torc
     The attack always calls it the same way (eval mode, frozen parameters, one batch shape, the
     "adv" branch), so after the first step every call reuses one compiled graph (static
     shapes); the backward that autograd.grad runs is compiled too and computes input gradients
-    only. The wrapper shares the model's parameters, so optimiser updates need no recompile.
+    only. The wrapper shares the model's parameters (or, for a folded mirror, its buffers,
+    refreshed in place), so optimiser updates need no recompile.
     """
-    by_mode = _COMPILED.setdefault(model, {})
+    # A folded mirror keeps its own wrappers (a weak-keyed entry whose value references the key
+    # would never be freed).
+    if isinstance(model, FoldedResNet18):
+        by_mode = model.compiled
+    else:
+        by_mode = _COMPILED.setdefault(model, {})
     if mode not in by_mode:
         by_mode[mode] = torch.compile(model, mode=mode, dynamic=False)
     return by_mode[mode]
