@@ -1,4 +1,4 @@
-"""RCS round cost vs selection quality as the pool pass's PGD steps go down (issue 9).
+"""RCS round cost vs selection quality as the pool pass gets cheaper: fewer PGD steps, bf16.
 
     python benchmarks/bench_rcs_pool_steps.py --checkpoint runs/demo/checkpoint.pt
     python benchmarks/bench_rcs_pool_steps.py                  # trains a 2-epoch demo model first
@@ -6,8 +6,9 @@
 Three quarters or more of an RCS round is the PGD pass over the pool (spec/rcs.md section 5), so
 the round's cost is roughly proportional to 1 + its PGD steps. This script runs one selection
 round (granularity batch, k = 0.2, the demo preset's eps and batch) at the same model state and
-the same minibatches for each number of pool PGD steps, with two attack seeds each, and compares
-every round with the spec's 5-step round (attack seed 0):
+the same minibatches for each number of pool PGD steps and each precision of the pass (fp32, and
+bf16 autocast where the device has fast bf16), with two attack seeds each, and compares every
+round with the spec's 5-step fp32 round (attack seed 0):
 
 - gain correlation: Spearman correlation of the first pick's scores <r_e, v> over all elements;
 - overlap: |S ∩ S_ref| / budget of the selected images (a random subset: k in expectation);
@@ -65,6 +66,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--checkpoint", default=None,
                         help="a fastacl demo training checkpoint (default: train 2 epochs first)")
     parser.add_argument("--steps", type=int, nargs="*", default=[5, 3, 2, 1, 0])
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, metavar="OUT")
     args = parser.parse_args(argv)
@@ -81,38 +84,42 @@ def main(argv=None) -> list[dict]:
     dataset = DeviceDataset(images)
     pool, validation = validation_split(images.shape[0], cfg.coreset_validation, seed=0)
 
-    def round_with(steps: int, attack_seed: int):
+    def round_with(steps: int, attack_seed: int, precision: str = "fp32"):
         return select_coreset(
             model, dataset, pool, validation, FRACTION, batch_size=cfg.batch_size, eps=cfg.eps,
             step_size=cfg.step_size, attack_steps=steps, temperature=cfg.temperature,
             generator=torch.Generator().manual_seed(0),  # the same minibatches every round
-            attack_generator=torch.Generator().manual_seed(attack_seed))
+            attack_generator=torch.Generator().manual_seed(attack_seed),
+            autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
 
     epoch = epoch_seconds(model, dataset, pool, cfg)
     print(f"checkpoint {checkpoint}; one training epoch over the pool ({pool.numel()} images, "
           f"batch {cfg.batch_size}, {torch.get_num_threads()} threads): {epoch:.1f} s")
     reference = round_with(5, 0)
     rows = []
-    header = (f"{'pool PGD steps':>14} {'attack seed':>11} {'round s':>8} {'pass s':>7} "
-              f"{'round / epoch':>13} {'amortised':>9} {'gain Spearman':>13} {'overlap':>7}")
+    header = (f"{'pass':>4} {'pool PGD steps':>14} {'attack seed':>11} {'round s':>8} "
+              f"{'pass s':>7} {'round / epoch':>13} {'amortised':>9} {'gain Spearman':>13} "
+              f"{'overlap':>7}")
     print(header + "\n" + "-" * len(header))
-    for steps in args.steps:
-        for attack_seed in (0, 1):
-            selection = reference if (steps, attack_seed) == (5, 0) else round_with(steps,
-                                                                                  attack_seed)
-            fraction = selection.seconds / epoch
-            shared = torch.isin(selection.indices, reference.indices).sum().item()
-            row = {"pool_steps": steps, "attack_seed": attack_seed,
-                   "round_seconds": selection.seconds,
-                   "pass_seconds": selection.details["pass_seconds"],
-                   "epoch_seconds": epoch, "round_per_epoch": fraction,
-                   "amortised": fraction / (INTERVAL * FRACTION + fraction),
-                   "gain_spearman": spearman(selection.initial_gains, reference.initial_gains),
-                   "overlap": shared / reference.budget}
-            rows.append(row)
-            print(f"{steps:>14} {attack_seed:>11} {row['round_seconds']:>8.1f} "
-                  f"{row['pass_seconds']:>7.1f} {fraction:>13.2f} {row['amortised']:>9.3f} "
-                  f"{row['gain_spearman']:>13.3f} {row['overlap']:>7.2f}", flush=True)
+    runs = [(p, steps, seed) for p in args.precisions for steps in args.steps for seed in (0, 1)]
+    for precision, steps, attack_seed in runs:
+        if (precision, steps, attack_seed) == ("fp32", 5, 0):
+            selection = reference
+        else:
+            selection = round_with(steps, attack_seed, precision)
+        fraction = selection.seconds / epoch
+        shared = torch.isin(selection.indices, reference.indices).sum().item()
+        row = {"precision": precision, "pool_steps": steps, "attack_seed": attack_seed,
+               "round_seconds": selection.seconds,
+               "pass_seconds": selection.details["pass_seconds"],
+               "epoch_seconds": epoch, "round_per_epoch": fraction,
+               "amortised": fraction / (INTERVAL * FRACTION + fraction),
+               "gain_spearman": spearman(selection.initial_gains, reference.initial_gains),
+               "overlap": shared / reference.budget}
+        rows.append(row)
+        print(f"{precision:>4} {steps:>14} {attack_seed:>11} {row['round_seconds']:>8.1f} "
+              f"{row['pass_seconds']:>7.1f} {fraction:>13.2f} {row['amortised']:>9.3f} "
+              f"{row['gain_spearman']:>13.3f} {row['overlap']:>7.2f}", flush=True)
     print(f"(a random subset overlaps the reference by {FRACTION:.2f} in expectation)")
     if args.json:
         with open(args.json, "w") as f:

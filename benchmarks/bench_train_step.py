@@ -114,7 +114,8 @@ CPU_CASES = (
 )
 GPU_CASES = (
     Case("gpu-resnet18-32px", "cuda", "resnet18", "synthetic", 512, 5,
-         variants=(FP32, Variant("bf16"), Variant("bf16", True), Variant("bf16", True, True),
+         variants=(FP32, Variant("bf16"), Variant("bf16", True),
+                   Variant("bf16", True, True, fold_bn=False), Variant("bf16", True, True),
                    Variant("bf16", True, True, "reduce-overhead"))),
 )
 DEFAULT_WORKERS = {"cpu": 2, "cuda": 4}

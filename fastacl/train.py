@@ -123,6 +123,9 @@ class TrainConfig:
     # PGD steps of the pool pass (spec: the training attack's, 5). Fewer make a round cheaper
     # (the pass is 75-90% of it) and change what the selection sees: benchmarks/RESULTS.md.
     coreset_attack_steps: int | None = None  # default: attack_steps
+    # Precision of the pool pass (PGD and backbone features): "fp32" | "bf16"; default: the
+    # training's. The head gradients, U's attack and the greedy loop stay fp32.
+    coreset_precision: str | None = None
     coreset_divergence: str = "minmax-kl"  # "minmax-kl" | "softmax-kl"
     coreset_simulated_lr: float = 0.01  # eta' of the simulated head step
     coreset_simulated_steps: int = 1  # 2 reproduces the published code's doubled step
@@ -225,6 +228,13 @@ def _resolve_coreset(cfg: TrainConfig) -> None:
         )
     if cfg.coreset_attack_steps is None:
         cfg.coreset_attack_steps = cfg.attack_steps
+    if cfg.coreset_precision is None:
+        cfg.coreset_precision = cfg.precision
+    if cfg.coreset_precision not in ("fp32", "bf16"):
+        raise ValueError(f"coreset_precision must be 'fp32' or 'bf16' (the selection's pass "
+                         f"over the pool), got {cfg.coreset_precision!r}")
+    if cfg.deterministic and cfg.coreset_precision != "fp32":
+        raise ValueError("deterministic=True runs fp32 kernels: coreset_precision must be fp32")
     if cfg.coreset_attack_steps < 0:
         raise ValueError(f"coreset_attack_steps must be >= 0 (PGD steps of the selection's pass "
                          f"over the pool), got {cfg.coreset_attack_steps}")
@@ -278,7 +288,7 @@ def _select(cfg: TrainConfig, model, dataset, pool, validation, epoch: int, devi
                 strength=augmentation_strength(cfg, epoch), interpolation=cfg.interpolation,
                 generator=torch.Generator().manual_seed(seed),
                 attack_generator=torch.Generator(device).manual_seed(seed),
-                autocast_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
+                autocast_dtype=torch.bfloat16 if cfg.coreset_precision == "bf16" else None,
                 fold_bn=cfg.fold_bn,
             ).indices
     return {"indices": indices.cpu(), "coreset_size": int(indices.numel()),

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastacl.coreset as coreset
 import fastacl.train as fastacl_train
 from fastacl.coreset import (
     _element_gradient,
@@ -290,6 +291,10 @@ def test_a_model_without_a_linear_head_is_refused(dataset):
         (dict(coreset="random", epochs=1), r"coreset_warmup must be in \[0, epochs"),
         (dict(coreset_validation=1.0), r"coreset_validation must be in \[0, 1\)"),
         (dict(coreset="rcs", coreset_fraction=0.1, **TINY), "smaller than batch_size 16"),
+        (dict(coreset="rcs", coreset_attack_steps=-1), "coreset_attack_steps must be >= 0"),
+        (dict(coreset="rcs", coreset_precision="fp16"), "coreset_precision must be 'fp32'"),
+        (dict(coreset="rcs", coreset_precision="bf16", deterministic=True),
+         "coreset_precision must be fp32"),
     ],
 )
 def test_bad_coreset_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, message):
@@ -312,6 +317,22 @@ def test_schedule_defaults_scale_with_the_epochs():
     assert (short.coreset_warmup, short.coreset_interval) == (1, 1)
     selections = [e for e in range(1, 1001) if fastacl_train._is_selection_epoch(cfg, e)]
     assert selections[:3] == [101, 121, 141] and len(selections) == 45
+    assert cfg.coreset_attack_steps == cfg.attack_steps == 5  # the spec's pool pass
+    assert cfg.coreset_precision == cfg.precision == "fp32"
+
+
+def test_pool_attack_steps_reach_the_selection(tmp_path, monkeypatch):
+    seen = []
+    original = coreset.select_coreset
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["attack_steps"], kwargs["autocast_dtype"], kwargs["fold_bn"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(coreset, "select_coreset", spy)
+    fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs",
+                        coreset_attack_steps=1, coreset_precision="bf16", fold_bn=False, **TINY)
+    assert seen == [(1, torch.bfloat16, False)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

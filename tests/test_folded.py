@@ -155,3 +155,18 @@ def test_only_fastacl_resnet_is_folded():
 
     custom = Custom(in_channels=1, width=4, head_dim=8, mean=(0.5,), std=(0.5,))
     assert can_fold(build_model("resnet18-small")) and not can_fold(custom)
+
+
+@pytest.mark.gpu
+def test_folded_mirror_on_cuda_channels_last_bf16_and_compiled():
+    model = _trained_statistics(build_model("resnet18-small", width=16, head_dim=32), 32)
+    model = model.cuda().to(memory_format=torch.channels_last)
+    x = torch.rand(64, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    folded = folded_for_attack(model, "adv")
+    with torch.no_grad():
+        expected = model(x, branch="adv")
+        assert relative_error(folded(x), expected) < 1e-4  # TF32 convolutions on both sides
+        compiled = compiled_for_attack(folded)
+        assert relative_error(compiled(x), expected) < 1e-4
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert relative_error(folded(x).float(), expected) < 5e-2
