@@ -77,6 +77,7 @@ class Variant:
     compile: bool = False
     compile_mode: str | None = None
     fold_bn: bool = True  # "no_fold": the attack runs the model's own BN layers
+    attack_bf16: bool = False  # "bf16_attack": the attack alone in bf16 (fp32 training pass)
 
     @property
     def label(self) -> str:
@@ -87,6 +88,8 @@ class Variant:
             parts.append("compile" + (f"({self.compile_mode})" if self.compile_mode else ""))
         if not self.fold_bn:
             parts.append("no_fold")
+        if self.attack_bf16:
+            parts.append("bf16_attack")
         return "+".join(parts)
 
 
@@ -137,7 +140,8 @@ def case_config(case: Case, variant: Variant = FP32) -> TrainConfig:
         method="acl-air", dataset="mnist5k" if case.data == "mnist5k" else "cifar10",
         model=case.model, batch_size=case.batch, precision=variant.precision,
         channels_last=variant.channels_last, compile=variant.compile,
-        compile_mode=variant.compile_mode, fold_bn=variant.fold_bn, device=case.device,
+        compile_mode=variant.compile_mode, fold_bn=variant.fold_bn,
+        attack_precision="bf16" if variant.attack_bf16 else None, device=case.device,
         evaluate=False,
     ).resolve()
 
@@ -342,17 +346,17 @@ def _git_commit() -> str | None:
 
 def parse_variant(text: str) -> Variant:
     """"bf16+channels_last+compile" -> Variant; parts: fp32 | bf16, channels_last, compile,
-    no_fold (the attack without BN folding)."""
+    no_fold (the attack without BN folding), bf16_attack (the attack alone in bf16)."""
     parts = [part.strip() for part in text.split("+") if part.strip()]
     if not parts or parts[0] not in ("fp32", "bf16"):
         raise ValueError(f"variant {text!r} must start with fp32 or bf16, e.g. "
                          "bf16+channels_last+compile")
-    unknown = set(parts[1:]) - {"channels_last", "compile", "no_fold"}
+    unknown = set(parts[1:]) - {"channels_last", "compile", "no_fold", "bf16_attack"}
     if unknown:
         raise ValueError(f"variant {text!r}: unknown part(s) {sorted(unknown)}; known: "
-                         "channels_last, compile, no_fold")
+                         "channels_last, compile, no_fold, bf16_attack")
     return Variant(parts[0], "channels_last" in parts, "compile" in parts,
-                   fold_bn="no_fold" not in parts)
+                   fold_bn="no_fold" not in parts, attack_bf16="bf16_attack" in parts)
 
 
 def main(argv=None) -> list[dict]:

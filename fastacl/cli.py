@@ -72,6 +72,7 @@ _TRAIN_OPTIONS = {
     "coreset_attack_steps": (int, "PGD steps of the RCS pass over the pool (default: "
                              "--attack-steps, the spec's 5; fewer: a cheaper round)"),
     "coreset_precision": (str, "fp32 | bf16: the RCS pool pass (default: --precision)"),
+    "attack_precision": (str, "fp32 | bf16: the PGD attack alone (default: --precision)"),
     "coreset_divergence": (str, "minmax-kl | softmax-kl: the RD divergence"),
     "coreset_simulated_lr": (float, "eta' of the simulated head step (default 0.01)"),
     "coreset_simulated_steps": (int, "times the step is applied (2: the published code)"),

@@ -87,6 +87,9 @@ class TrainConfig:
     # format, and torch.compile of the attack's forward/backward (static shapes; CUDA graphs
     # with compile_mode="reduce-overhead"). None of them changes the algorithm.
     precision: str = "fp32"  # "fp32" | "bf16"
+    # The PGD attack's precision alone; default: `precision`. "bf16" with precision "fp32" keeps
+    # the training gradients fp32 and speeds up the attack, which only uses gradient signs.
+    attack_precision: str | None = None
     channels_last: bool = False
     compile: bool = False
     compile_mode: str | None = None  # torch.compile mode; None: its default
@@ -157,15 +160,19 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size must be >= 2 (NT-Xent needs negatives), got {cfg.batch_size}"
             )
-        if cfg.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {cfg.precision!r}")
+        if cfg.attack_precision is None:
+            cfg.attack_precision = cfg.precision
+        for name in ("precision", "attack_precision"):
+            if getattr(cfg, name) not in ("fp32", "bf16"):
+                raise ValueError(f"{name} must be 'fp32' or 'bf16', got {getattr(cfg, name)!r}")
         if cfg.compile_mode is not None and not cfg.compile:
             raise ValueError(f"compile_mode={cfg.compile_mode!r} needs compile=True (--compile)")
-        if cfg.deterministic and (cfg.precision != "fp32" or cfg.compile):
+        if cfg.deterministic and (cfg.precision != "fp32" or cfg.attack_precision != "fp32"
+                                  or cfg.compile):
             raise ValueError(
                 "deterministic=True trades speed for bit-reproducibility and runs fp32 eager "
                 f"kernels: it cannot be combined with precision={cfg.precision!r} / "
-                f"compile={cfg.compile}"
+                f"attack_precision={cfg.attack_precision!r} / compile={cfg.compile}"
             )
         if cfg.air_form not in ("exact", "reference-code"):
             raise ValueError(f"air_form must be 'exact' or 'reference-code', got {cfg.air_form!r}")
@@ -344,7 +351,7 @@ def train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg: TrainConfig, atta
                 attack_model, x1, x2, eps=cfg.eps, step_size=cfg.step_size,
                 steps=cfg.attack_steps, branch="adv", generator=attack_generator,
                 temperature=cfg.temperature, clip_random_start=cfg.clip_random_start,
-                autocast_dtype=torch.bfloat16 if bf16 else None,
+                autocast_dtype=torch.bfloat16 if cfg.attack_precision == "bf16" else None,
             )
         with record_function("fastacl.forward"):
             with autocast:

@@ -152,7 +152,22 @@ def test_compiled_attack_is_captured_once_and_matches_eager():
     assert all(torch.isfinite(v) for v in terms.values())
 
 
-@pytest.mark.parametrize("overrides", [dict(precision="bf16"), dict(compile=True)])
+def test_attack_precision_alone_runs_the_attack_in_bf16_and_training_in_fp32():
+    assert _cfg().attack_precision == "fp32" and _cfg(precision="bf16").attack_precision == "bf16"
+    with pytest.raises(ValueError, match="attack_precision must be 'fp32' or 'bf16'"):
+        _cfg(attack_precision="fp16")
+    model = _tiny_model()
+    seen = []
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, inputs, out: seen.append(out.dtype))
+    terms = _step(model, _cfg(attack_precision="bf16", fold_bn=False), _views())
+    # 3 attack steps in bf16, then the 3 training forwards in fp32
+    assert seen == [torch.bfloat16] * 3 + [torch.float32] * 3
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+@pytest.mark.parametrize("overrides", [dict(precision="bf16"), dict(compile=True),
+                                       dict(attack_precision="bf16")])
 def test_deterministic_mode_refuses_fast_paths(overrides):
     with pytest.raises(ValueError, match="deterministic=True"):
         _cfg(deterministic=True, **overrides)

@@ -178,3 +178,20 @@ def test_ctrl_c_writes_a_resumable_checkpoint(tmp_path):
     assert 1 <= state["epoch"] < 50
     resumed = fastacl_train.train(resume=out, on_step=lambda epoch, step, terms: True)
     assert resumed.summary == {"interrupted": True}
+
+
+def test_cli_speed_and_selection_flags_reach_the_config(monkeypatch):
+    from fastacl.cli import main as cli_main
+
+    seen = {}
+
+    def fake_train(**overrides):
+        seen.update(overrides)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(fastacl_train, "train", fake_train)
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--no-fold-bn", "--coreset", "rcs", "--coreset-attack-steps", "1",
+                  "--coreset-precision", "bf16"])
+    assert seen == {"fold_bn": False, "coreset": "rcs", "coreset_attack_steps": 1,
+                    "coreset_precision": "bf16"}
