@@ -591,7 +591,9 @@ def _load_resume(resume_dir: str | os.PathLike, overrides: dict) -> tuple[TrainC
     saved = checkpoint.get("extra", {}).get("train_state")
     if not isinstance(saved, dict) or "config" not in saved:
         raise ValueError(f"cannot resume from {path}: it is not a fastacl.train checkpoint")
-    cfg = TrainConfig(**saved["config"])
+    # resolve(): a checkpoint written before a field existed gets that field's default (the
+    # saved values are resolved already, and resolve() only fills in what is None).
+    cfg = TrainConfig(**saved["config"]).resolve()
     for key, value in overrides.items():
         if getattr(cfg, key) != value:
             raise ValueError(

@@ -195,3 +195,17 @@ def test_cli_speed_and_selection_flags_reach_the_config(monkeypatch):
                   "--coreset-precision", "bf16"])
     assert seen == {"fold_bn": False, "coreset": "rcs", "coreset_attack_steps": 1,
                     "coreset_precision": "bf16"}
+
+
+def test_resume_fills_fields_an_older_checkpoint_lacks(tmp_path):
+    run = fastacl_train.train(out_dir=str(tmp_path / "run"), method="acl", epochs=1,
+                              precision="bf16", **TINY)
+    path = run.out_dir / fastacl_train.CHECKPOINT_NAME
+    checkpoint = torch.load(path, weights_only=True)
+    config = checkpoint["extra"]["train_state"]["config"]
+    for name in ("fold_bn", "attack_precision", "coreset_attack_steps", "coreset_precision"):
+        del config[name]  # as written before these options existed
+    torch.save(checkpoint, path)
+    cfg, _ = fastacl_train._load_resume(run.out_dir, {})
+    # A bf16 run keeps its bf16 attack; the rest takes today's defaults.
+    assert (cfg.attack_precision, cfg.fold_bn, cfg.precision) == ("bf16", True, "bf16")
