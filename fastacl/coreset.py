@@ -180,13 +180,25 @@ def _on_branch(model: nn.Module, branch: str, fold_bn: bool) -> nn.Module:
     return folded_for_attack(model, branch) if fold_bn and can_fold(model) else model
 
 
-def _features(model: nn.Module, x: torch.Tensor, branch: str, batch_size: int,
-              autocast_dtype: torch.dtype | None = None, fold_bn: bool = True) -> torch.Tensor:
+def _encoder(model: nn.Module, branch: str, fold_bn: bool):
+    """h = f(x) on `branch` (eval mode): the folded mirror's features, refreshed now, or the
+    model's backbone routed to `branch`. Valid while the backbone's weights do not change."""
+    runner = _on_branch(model, branch, fold_bn)
+    if runner is not model:
+        return runner.features
+
+    def backbone(x: torch.Tensor) -> torch.Tensor:
+        with bn_branch(model, branch):
+            return model.backbone(x)
+
+    return backbone
+
+
+def _features(encoder, x: torch.Tensor, batch_size: int,
+              autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     autocast = torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
                               enabled=autocast_dtype is not None)
-    runner = _on_branch(model, branch, fold_bn)
-    encoder = runner.features if runner is not model else model.backbone
-    with torch.no_grad(), bn_branch(model, branch), autocast:
+    with torch.no_grad(), autocast:
         return torch.cat([encoder(chunk).float() for chunk in x.split(batch_size)])
 
 
@@ -331,16 +343,17 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
         return 0.5 * (nt_xent(z_nat[:n], z_nat[n:], temperature)
                       + nt_xent(z_adv[:n], z_adv[n:], temperature))
 
+    # The backbone and phi0 do not change during the pass: the mirrors are refreshed once.
+    attacked = _on_branch(model, "adv", fold_bn)
+    encoder_adv, encoder_nat = (_encoder(model, branch, fold_bn) for branch in ("adv", "normal"))
     for index in _minibatches(order, batch_size):
         b = index.numel()
         x1, x2, _ = dataset.views(index, strength, generator, interpolation)
-        x1_adv, x2_adv = pgd_contrastive(_on_branch(model, "adv", fold_bn), x1, x2, eps=eps,
-                                         step_size=step_size, steps=attack_steps,
-                                         generator=attack_generator, temperature=temperature,
-                                         autocast_dtype=autocast_dtype)
-        f_adv = _features(model, torch.cat([x1_adv, x2_adv]), "adv", 2 * b, autocast_dtype,
-                          fold_bn)
-        f_nat = _features(model, torch.cat([x1, x2]), "normal", 2 * b, autocast_dtype, fold_bn)
+        x1_adv, x2_adv = pgd_contrastive(attacked, x1, x2, eps=eps, step_size=step_size,
+                                         steps=attack_steps, generator=attack_generator,
+                                         temperature=temperature, autocast_dtype=autocast_dtype)
+        f_adv = _features(encoder_adv, torch.cat([x1_adv, x2_adv]), 2 * b, autocast_dtype)
+        f_nat = _features(encoder_nat, torch.cat([x1, x2]), 2 * b, autocast_dtype)
         _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")],
                                   selection_loss)
         # Rows come as [view 1 adv, view 2 adv, view 1, view 2] x b: make each image's 4 rows
@@ -512,12 +525,14 @@ def select_coreset(
             pass_seconds = time.perf_counter() - start_time
 
             x_u = dataset.fetch(validation).to(torch.float32) / 255.0
-            f_nat = _features(model, x_u, "normal", batch_size, fold_bn=fold_bn)
+            f_nat = _features(_encoder(model, "normal", fold_bn), x_u, batch_size)
+            # The simulated steps change the head only: the backbone's features stay valid.
+            encoder_adv = _encoder(model, "adv", fold_bn)
 
             def attack_validation():
                 x_adv = rd_attack(model, x_u, eps, rd_step_size, rd_steps, divergence,
                                   attack_generator, batch_size, fold_bn)
-                return _features(model, x_adv, "adv", batch_size, fold_bn=fold_bn)
+                return _features(encoder_adv, x_adv, batch_size)
 
             f_adv = attack_validation()
             v = _validation_projection(model, layers, bias, f_adv, f_nat, divergence)

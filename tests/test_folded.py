@@ -170,3 +170,35 @@ def test_folded_mirror_on_cuda_channels_last_bf16_and_compiled():
         assert relative_error(compiled(x), expected) < 1e-4
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert relative_error(folded(x).float(), expected) < 5e-2
+
+
+def test_the_trainer_attacks_a_mirror_of_the_current_weights(monkeypatch):
+    """Each step's attack runs the folded mirror, and it computes the model as it is at that
+    step (weights and BN statistics updated by the steps before), not a stale copy."""
+    import fastacl.attacks as attacks
+    from fastacl.losses import ACLLoss
+    from fastacl.optim import LARS
+    from fastacl.train import TrainConfig, train_step
+
+    model = build_model("resnet18-small", width=4, head_dim=8, in_channels=1).train()
+    cfg = TrainConfig(method="acl", dataset="mnist5k", batch_size=8, attack_steps=1,
+                      device="cpu", evaluate=False).resolve()
+    original, checked = attacks.pgd_contrastive, []
+
+    def spy(attack_model, x1, x2, **kwargs):
+        assert isinstance(attack_model, FoldedResNet18)
+        with torch.no_grad():
+            model.eval()
+            expected = model(x1, branch="adv")
+            model.train()
+            checked.append(relative_error(attack_model(x1), expected))
+        return original(attack_model, x1, x2, **kwargs)
+
+    monkeypatch.setattr(attacks, "pgd_contrastive", spy)
+    optimizer = LARS(model.parameters(), lr=cfg.lr)
+    loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x_orig, x1, x2 = (torch.rand(8, 1, 12, 12, generator=g) for _ in range(3))
+        train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg, torch.Generator())
+    assert len(checked) == 3 and max(checked) < 1e-5

@@ -192,9 +192,9 @@ def test_cli_speed_and_selection_flags_reach_the_config(monkeypatch):
     monkeypatch.setattr(fastacl_train, "train", fake_train)
     with pytest.raises(SystemExit):
         cli_main(["train", "--no-fold-bn", "--coreset", "rcs", "--coreset-attack-steps", "1",
-                  "--coreset-precision", "bf16"])
+                  "--coreset-precision", "bf16", "--attack-precision", "bf16"])
     assert seen == {"fold_bn": False, "coreset": "rcs", "coreset_attack_steps": 1,
-                    "coreset_precision": "bf16"}
+                    "coreset_precision": "bf16", "attack_precision": "bf16"}
 
 
 def test_resume_fills_fields_an_older_checkpoint_lacks(tmp_path):

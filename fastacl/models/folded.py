@@ -25,6 +25,7 @@ Only our own ResNet-18 is folded (``can_fold``); attacks on any other module run
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -62,6 +63,11 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, t
     if bn.bias is not None:
         shift = shift + bn.bias
     return scale, shift
+
+
+def _blocks(backbone: ResNet18Backbone) -> list[BasicBlock]:
+    return [block for stage in (backbone.layer1, backbone.layer2, backbone.layer3,
+                                backbone.layer4) for block in stage]
 
 
 def can_fold(model: nn.Module) -> bool:
@@ -135,15 +141,13 @@ class FoldedResNet18(nn.Module):
             )
         self.branch = check_branch(branch)
         backbone = model.backbone
-        self.register_buffer("mean", torch.empty_like(backbone.normalize.mean))
-        self.register_buffer("std", torch.empty_like(backbone.normalize.std))
+        # The input normalisation and the max-pool have nothing to fold: the model's own modules
+        # (copies; the normalisation stays separate because the convolution zero-pads the
+        # normalised image, so folding (x - mean) / std into it would change the border).
+        self.normalize = copy.deepcopy(backbone.normalize)
+        self.maxpool = copy.deepcopy(backbone.maxpool)
         self.stem = _FoldedLayer(backbone.conv1)
-        self.max_pool = isinstance(backbone.maxpool, nn.MaxPool2d)
-        self.blocks = nn.ModuleList(
-            _FoldedBlock(block)
-            for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
-            for block in stage
-        )
+        self.blocks = nn.ModuleList(_FoldedBlock(block) for block in _blocks(backbone))
         head = model.head
         self.fc1, self.fc2, self.fc3 = (_FoldedLayer(fc) for fc in (head.fc1, head.fc2, head.fc3))
         # torch.compile wrappers of this module by mode (fastacl.train.compiled_for_attack); a
@@ -160,13 +164,9 @@ class FoldedResNet18(nn.Module):
     def refresh(self, model: ContrastiveResNet18) -> FoldedResNet18:
         """Copy ``model``'s current weights and BN statistics in, folded (in place)."""
         backbone, head, branch = model.backbone, model.head, self.branch
-        with torch.no_grad():
-            self.mean.copy_(backbone.normalize.mean)
-            self.std.copy_(backbone.normalize.std)
+        self.normalize.load_state_dict(backbone.normalize.state_dict())  # copies in place
         self.stem.refresh(backbone.conv1, _branch_bn(backbone.bn1, branch))
-        blocks = [b for s in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
-                  for b in s]
-        for folded, block in zip(self.blocks, blocks, strict=True):
+        for folded, block in zip(self.blocks, _blocks(backbone), strict=True):
             folded.refresh(block, branch)
         for folded, fc, bn in zip((self.fc1, self.fc2, self.fc3), (head.fc1, head.fc2, head.fc3),
                                   (head.bn1, head.bn2, head.bn3), strict=True):
@@ -174,12 +174,7 @@ class FoldedResNet18(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        # The input normalisation stays separate: the convolution zero-pads the normalised
-        # image, so folding (x - mean) / std into it would change the border.
-        x = (x - self.mean.to(x.dtype).view(1, -1, 1, 1)) / self.std.to(x.dtype).view(1, -1, 1, 1)
-        out = F.relu(self.stem(x))
-        if self.max_pool:
-            out = F.max_pool2d(out, kernel_size=3, stride=2, padding=1)
+        out = self.maxpool(F.relu(self.stem(self.normalize(x))))
         for block in self.blocks:
             out = block(out)
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
