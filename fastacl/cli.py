@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import platform
 import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import fastacl
+from fastacl.config import option_fields
+from fastacl.errors import FastaclError, MissingFileError
+from fastacl.ops import extension_status, requested_backend
+from fastacl.ops._dispatch import triton_available, triton_interpreter
 
 
 def _info(args: argparse.Namespace) -> int:
-    import platform
-
-    import torch
-
-    import fastacl
-    from fastacl.ops import extension_status, requested_backend
-    from fastacl.ops._dispatch import triton_available, triton_interpreter
 
     info = {
         "fastacl": fastacl.__version__,
@@ -31,69 +37,37 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-# Help text and value type of every TrainConfig field that the command exposes.
-_TRAIN_OPTIONS = {
-    "method": (str, "cl | acl | acl-air | dynacl | dynacl-air (default acl)"),
-    "preset": (str, "demo | paper (default: demo without --dataset, paper with one)"),
-    "dataset": (str, "mnist5k (embedded demo) | cifar10 | cifar100 | stl10 | imagefolder"),
-    "data_dir": (str, "folder holding the dataset files (see `fastacl.data.load_dataset`)"),
-    "model": (str, "resnet18 | resnet18-small"),
-    "epochs": (int, "number of epochs E (schedules scale with E)"),
-    "batch_size": (int, "global batch size N (2N views)"),
-    "lr": (float, "LARS base learning rate"),
-    "weight_decay": (float, "LARS weight decay"),
-    "warmup_epochs": (int, "LR warm-up epochs (default E/100, at least 1)"),
-    "eps": (float, "l_inf attack budget in [0, 1] pixel units (paper 8/255 = 0.0314)"),
-    "step_size": (float, "PGD step size"),
-    "attack_steps": (int, "PGD steps"),
-    "temperature": (float, "NT-Xent / SIR / AIR temperature"),
-    "lambda1": (float, "SIR weight (default 0.5 for the AIR methods, else 0)"),
-    "lambda2": (float, "AIR weight (default 0.5 for the AIR methods, else 0)"),
-    "air_form": (str, "exact | reference-code"),
-    "dynaug_period": (int, "DynAug period K in epochs (default E/20)"),
-    "interpolation": (str, "bicubic | bilinear (RandomResizedCrop)"),
-    "precision": (str, "fp32 | bf16 (autocast on CUDA, or on a CPU with AMX / AVX512-BF16)"),
-    "compile_mode": (str, "torch.compile mode with --compile, e.g. reduce-overhead (CUDA "
-                          "graphs)"),
-    "seed": (int, "random seed"),
-    "device": (str, "auto | cpu | cuda | cuda:N"),
-    "out_dir": (str, "run directory (default runs/<method>-<dataset>-<timestamp>)"),
-    "max_train": (int, "use only the first N training images"),
-    "eval_epochs": (int, "epochs of the closing linear-probe evaluation"),
-    "eval_max_test": (int, "test images for the closing evaluation"),
-    "eval_eps": (float, "attack budget of the closing evaluation (default: --eps)"),
-    "coreset": (str, "rcs | random: train on a coreset after a warm-up (default: all)"),
-    "coreset_fraction": (float, "coreset fraction k in (0, 1) (default 0.2)"),
-    "coreset_warmup": (int, "epochs on the full set before the first selection (default E/10)"),
-    "coreset_interval": (int, "epochs between RCS selections (default E/50)"),
-    "coreset_granularity": (str, "batch | sample: RCS picks minibatches or images"),
-    "coreset_refresh": (str, "exact | cached: how RCS refreshes the validation gradient"),
-    "coreset_refresh_every": (int, "cached refresh: re-attack U every m picks (default 20)"),
-    "coreset_attack_steps": (int, "PGD steps of the RCS pass over the pool (default: "
-                             "--attack-steps, the spec's 5; fewer: a cheaper round)"),
-    "coreset_precision": (str, "fp32 | bf16: the RCS pool pass (default: --precision)"),
-    "attack_precision": (str, "fp32 | bf16: the PGD attack alone (default: --precision)"),
-    "coreset_divergence": (str, "minmax-kl | softmax-kl: the RD divergence"),
-    "coreset_simulated_lr": (float, "eta' of the simulated head step (default 0.01)"),
-    "coreset_simulated_steps": (int, "times the step is applied (2: the published code)"),
-    "coreset_budget_rounding": (str, "truncate | floor (published: whole minibatches)"),
-    "coreset_validation": (float, "share held out as the RCS validation set U (default 0.01)"),
-}
+def _number(text: str) -> float:
+    """A float option as a number or a fraction: 0.0314 or 8/255."""
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, "
+                                         f"got {text!r}") from None
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig option, with the help text and default written in the config."""
+    for name, (config_field, kind) in option_fields().items():
+        flag = "--" + name.replace("_", "-")
+        text, default = config_field.metadata["help"], config_field.default
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default {'on' if default else 'off'})")
+            continue
+        if default is not None:
+            text += f" (default {default})"
+        parser.add_argument(flag, type=_number if kind is float else kind, default=None,
+                            help=text)
 
 
 def _train(args: argparse.Namespace) -> int:
-    import fastacl.train as fastacl_train
-
-    overrides = {name: getattr(args, name) for name in _TRAIN_OPTIONS
-                 if getattr(args, name) is not None}
-    for flag in ("channels_last", "compile", "fold_bn", "deterministic", "evaluate",
-                 "clip_random_start", "sync_bn", "gather_negatives"):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
-    if args.resume:
-        result = fastacl_train.train(resume=args.resume, **overrides)
-    else:
-        result = fastacl_train.train(**overrides)
+    options = {name: getattr(args, name) for name in option_fields()
+               if getattr(args, name) is not None}
+    result = fastacl.train(resume=args.resume, **options)
     summary = result.summary
     if summary.get("interrupted"):
         return 130
@@ -107,31 +81,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eps_value(text: str) -> float:
-    """--eps as a number or a fraction: 0.0314 or 8/255."""
-    try:
-        if "/" in text:
-            numerator, denominator = text.split("/")
-            return float(numerator) / float(denominator)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, "
-                                         f"got {text!r}") from None
-
-
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    from fastacl.finetune import evaluate
-
     corruptions = {"auto": "auto", "on": True, "off": False}[args.corruptions]
-    result = evaluate(
+    result = fastacl.evaluate(
         args.checkpoint, dataset=args.dataset, data_dir=args.data_dir, modes=args.modes,
         attacks=args.attacks, max_test=args.max_test, seed=args.seed, preset=args.preset,
         eps=args.eps, method=args.method, epochs=args.epochs, max_train=args.max_train,
@@ -191,29 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="pre-train an encoder (no arguments: the demo on the embedded MNIST sample)"
     )
-    for name, (kind, text) in _TRAIN_OPTIONS.items():
-        train.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
-    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels_last memory format")
-    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the PGD attack's forward/backward (static shapes; "
-                       "the first step compiles)")
-    train.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=None,
-                       help="fold the eval-mode BN into the convolutions for the attack (default "
-                       "on; the same function up to float rounding)")
-    train.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                       help="bit-reproducible run (deterministic kernels, no TF32, fp32); "
-                       "slower on CUDA")
-    train.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
-                       help="quick SLF + PGD-20 evaluation at the end (default on)")
-    train.add_argument("--clip-random-start", action=argparse.BooleanOptionalAction,
-                       default=None, help="clip the PGD random start to [0, 1] (default on; "
-                       "--no-clip-random-start reproduces the published code)")
-    train.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
-                       help="under torchrun: synchronise BN statistics across ranks (default off)")
-    train.add_argument("--gather-negatives", action=argparse.BooleanOptionalAction,
-                       default=None, help="under torchrun: compute the losses on the global "
-                       "batch, negatives from every rank (default on)")
+    _add_train_options(train)
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last checkpoint")
     train.set_defaults(func=_train)
@@ -236,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="test on a fixed random subset of N test images")
     evaluate.add_argument("--max-train", type=int, default=None,
                           help="fine-tune on a fixed random subset of N training images")
-    evaluate.add_argument("--eps", type=_eps_value, default=None,
+    evaluate.add_argument("--eps", type=_number, default=None,
                           help="l_inf budget, e.g. 8/255 (default: the checkpoint's)")
     evaluate.add_argument("--preset", default=None,
                           help="demo | paper (default: demo for mnist5k, else paper)")
@@ -271,13 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench(args: argparse.Namespace) -> int:
     """Runs benchmarks/bench_train_step.py's main: the baseline it compares with is a yardstick
     that lives beside the benchmarks in a source checkout, not in the installed package."""
-    import importlib
-    from pathlib import Path
-
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
     script = folder / "bench_train_step.py"
     if not script.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"fastacl bench runs benchmarks/bench_train_step.py from a source checkout (the "
             f"published-style baseline it measures against lives there, not in the installed "
             f"package); not found at {script}. Install fastacl from a clone with "
@@ -303,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        # Bad input: say what is wrong, without a traceback.
+    except FastaclError as err:
+        # Bad input the user can fix: one sentence, no traceback. Anything else is a bug and
+        # keeps its traceback.
         print(f"fastacl: error: {err}", file=sys.stderr)
         return 2
 

@@ -27,7 +27,8 @@ from fastacl.losses import ACLLoss
 from fastacl.models import build_model
 from fastacl.ops import air, nt_xent, sir
 from fastacl.optim import LARS
-from fastacl.train import TrainConfig, train_step
+from fastacl import TrainConfig
+from fastacl.pretrain import train_step
 from tests.conftest import relative_error
 
 TOL = 1e-5
@@ -45,7 +46,7 @@ def _tiny_model():
 def _cfg(**overrides):
     values = dict(method="acl-air", dataset="mnist5k", batch_size=N, attack_steps=3,
                   device="cpu", evaluate=False)
-    return TrainConfig(**{**values, **overrides}).resolve()
+    return TrainConfig.from_options(**{**values, **overrides}).resolve()
 
 
 def _views(seed=1):
@@ -90,13 +91,13 @@ def test_published_pgd_matches_fastacl_attack(clip_random_start):
 
 def test_baseline_step_matches_train_step():
     cfg = _cfg()
-    assert (cfg.lambda1, cfg.lambda2, cfg.air_form) == (0.5, 0.5, "exact")
+    assert (cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.air_form) == (0.5, 0.5, "exact")
     x_orig, x1, x2 = _views()
     fast_model = _tiny_model().train()
     plain_model = copy.deepcopy(fast_model)
-    fast_opt = LARS(fast_model.parameters(), lr=cfg.lr)
-    plain_opt = LARS(plain_model.parameters(), lr=cfg.lr)
-    loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+    fast_opt = LARS(fast_model.parameters(), lr=cfg.optim.lr)
+    plain_opt = LARS(plain_model.parameters(), lr=cfg.optim.lr)
+    loss_fn = ACLLoss(0.0, cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.temperature, cfg.loss.air_form)
     fast = train_step(fast_model, loss_fn, fast_opt, x_orig, x1, x2, cfg,
                       torch.Generator().manual_seed(10))
     plain = baseline_step(plain_model, plain_opt, x_orig, x1, x2, cfg,

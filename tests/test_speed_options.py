@@ -10,14 +10,15 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import fastacl.train as fastacl_train
+import fastacl
 from fastacl.attacks import pgd_contrastive
 from fastacl.cli import main as cli_main
 from fastacl.losses import ACLLoss
 from fastacl.models import build_model
 from fastacl.ops import nt_xent
 from fastacl.optim import LARS
-from fastacl.train import TrainConfig, compiled_for_attack, deterministic_mode, train_step
+from fastacl import TrainConfig
+from fastacl.pretrain import compiled_for_attack, deterministic_mode, train_step
 from tests.conftest import relative_error
 from tests.test_train import TINY
 
@@ -35,7 +36,7 @@ def _tiny_model():
 def _cfg(**overrides):
     values = dict(method="acl-air", dataset="mnist5k", batch_size=N, attack_steps=3,
                   device="cpu", evaluate=False)
-    return TrainConfig(**{**values, **overrides}).resolve()
+    return TrainConfig.from_options(**{**values, **overrides}).resolve()
 
 
 def _views(device="cpu"):
@@ -45,8 +46,8 @@ def _views(device="cpu"):
 
 
 def _step(model, cfg, views, seed=10):
-    optimizer = LARS(model.parameters(), lr=cfg.lr)
-    loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+    optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = ACLLoss(0.0, cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.temperature, cfg.loss.air_form)
     generator = torch.Generator(views[0].device).manual_seed(seed)
     return train_step(model, loss_fn, optimizer, *views, cfg, generator)
 
@@ -139,8 +140,8 @@ def test_compiled_attack_is_captured_once_and_matches_eager():
     # Through the trainer: the graphs compiled in the first step are reused by later steps
     # (parameters updated in place in between): no recompilation.
     cfg = _cfg(compile=True)
-    optimizer = LARS(model.parameters(), lr=cfg.lr)
-    loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+    optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = ACLLoss(0.0, cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.temperature, cfg.loss.air_form)
     generator = torch.Generator().manual_seed(4)
     train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg, generator)
     graphs = counters["stats"]["unique_graphs"]
@@ -208,8 +209,8 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
         return False
 
     common = dict(method="acl-air", epochs=1, seed=5, deterministic=True, **TINY)
-    first = fastacl_train.train(out_dir=str(tmp_path / "a"), on_step=check, **common)
-    second = fastacl_train.train(out_dir=str(tmp_path / "b"), **common)
+    first = fastacl.train(out_dir=str(tmp_path / "a"), on_step=check, **common)
+    second = fastacl.train(out_dir=str(tmp_path / "b"), **common)
     assert inside and all(inside)
     assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
     a = torch.load(first.checkpoint, weights_only=True)["state_dict"]
@@ -218,7 +219,7 @@ def test_deterministic_runs_are_bit_identical(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     config = json.loads((tmp_path / "a" / "config.json").read_text())["config"]
-    assert config["deterministic"] is True
+    assert config["speed"]["deterministic"] is True
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""fastacl.train: presets and validation, resume equality, interruption, learning, paper preset."""
+"""fastacl.train (fastacl.pretrain): presets and validation, resume equality, interruption,
+learning, paper preset."""
 
 import json
 import subprocess
@@ -7,9 +8,11 @@ import sys
 import pytest
 import torch
 
-import fastacl.train as fastacl_train
+import fastacl
+from fastacl import TrainConfig
+from fastacl.evaluation import quick_check
 from fastacl.models import load_checkpoint
-from fastacl.train import TrainConfig, augmentation_strength
+from fastacl.pretrain import CHECKPOINT_NAME, augmentation_strength, state
 from tests.synthetic import make_cifar10
 
 # A run small enough for a unit test: 40 demo images (32 after the RCS validation hold-out),
@@ -19,17 +22,48 @@ TINY = dict(max_train=40, batch_size=16, attack_steps=1, evaluate=False)
 
 def test_presets_and_epoch_relative_schedules():
     demo = TrainConfig().resolve()
-    assert (demo.preset, demo.dataset, demo.model) == ("demo", "mnist5k", "resnet18-small")
-    paper = TrainConfig(method="dynacl-air", dataset="cifar10").resolve()
+    assert (demo.preset, demo.data.dataset, demo.model.name) == ("demo", "mnist5k",
+                                                                 "resnet18-small")
+    paper = TrainConfig.from_options(method="dynacl-air", dataset="cifar10").resolve()
     assert paper.preset == "paper"
-    assert (paper.model, paper.batch_size, paper.lr, paper.epochs) == ("resnet18", 512, 5.0, 1000)
-    assert (paper.eps, paper.step_size, paper.attack_steps) == (8 / 255, 2 / 255, 5)
-    # spec section 5: warm-up E/100 and DynAug period E/20 (10 and 50 at E = 1000)
-    assert (paper.warmup_epochs, paper.dynaug_period) == (10, 50)
-    assert (paper.lambda1, paper.lambda2) == (0.5, 0.5)
-    short = TrainConfig(dataset="cifar10", epochs=100, batch_size=64).resolve()
-    assert (short.warmup_epochs, short.dynaug_period, short.batch_size) == (1, 5, 64)
-    assert (short.lambda1, short.lambda2) == (0.0, 0.0)
+    o = paper.optim
+    assert (paper.model.name, o.batch_size, o.lr, o.epochs) == ("resnet18", 512, 5.0, 1000)
+    assert (paper.attack.eps, paper.attack.step_size, paper.attack.steps) == (8 / 255, 2 / 255, 5)
+    # docs/acl-air.md section 5: warm-up E/100 and DynAug period E/20 (10 and 50 at E = 1000)
+    assert (o.warmup_epochs, paper.data.dynaug_period) == (10, 50)
+    assert (paper.loss.lambda1, paper.loss.lambda2) == (0.5, 0.5)
+    short = TrainConfig.from_options(dataset="cifar10", epochs=100, batch_size=64).resolve()
+    assert (short.optim.warmup_epochs, short.data.dynaug_period, short.optim.batch_size) == (
+        1, 5, 64)
+    assert (short.loss.lambda1, short.loss.lambda2) == (0.0, 0.0)
+
+
+def test_dynaug_period_is_the_one_the_augmentation_defines():
+    """E = 50: E/20 = 2.5 rounds half up to 3 (fastacl.data.dynaug_period); Python's round()
+    would give 2, and the trainer once used it."""
+    from fastacl.data import dynaug_period
+
+    for epochs in (1, 2, 30, 50, 70, 1000):
+        cfg = TrainConfig.from_options(method="dynacl", epochs=epochs).resolve()
+        assert cfg.data.dynaug_period == dynaug_period(epochs)
+    assert TrainConfig.from_options(method="dynacl", epochs=50).resolve().data.dynaug_period == 3
+
+
+def test_explicit_zero_is_not_replaced_by_the_default():
+    cfg = TrainConfig.from_options(warmup_epochs=0, dataset="cifar10", epochs=100).resolve()
+    assert cfg.optim.warmup_epochs == 0
+    assert TrainConfig.from_options(coreset="rcs", coreset_warmup=0).resolve().coreset.warmup == 0
+
+
+def test_options_round_trip_through_the_nested_config():
+    cfg = TrainConfig.from_options(eps=0.1, coreset_fraction=0.3, evaluate=False, model="resnet18",
+                                   attack_steps=2, eval_epochs=4)
+    assert (cfg.attack.eps, cfg.coreset.fraction, cfg.eval.enabled) == (0.1, 0.3, False)
+    assert (cfg.model.name, cfg.attack.steps, cfg.eval.epochs) == ("resnet18", 2, 4)
+    assert TrainConfig.from_options(**cfg.options()) == cfg
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    # The flat config.json of older versions still loads.
+    assert TrainConfig.from_dict(cfg.options()) == cfg
 
 
 def test_dynaug_strength_and_w_follow_the_spec():
@@ -43,31 +77,46 @@ def test_dynaug_strength_and_w_follow_the_spec():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(method="simclr"), "unknown method 'simclr'.*cl, acl, acl-air, dynacl, dynacl-air"),
-        (dict(dataset="imagenet"), "unknown dataset 'imagenet'.*cifar10"),
-        (dict(preset="fast"), "unknown preset 'fast'.*demo, paper"),
+        (dict(method="simclr"), "method must be one of cl, acl, acl-air, dynacl, dynacl-air"),
+        (dict(dataset="imagenet"), "dataset must be one of cifar10"),
+        (dict(preset="fast"), "preset must be one of demo, paper"),
         (dict(batch_size=1), "batch_size must be >= 2"),
         (dict(epochs=0), "epochs must be >= 1"),
         (dict(precision="fp16"), "precision must be"),
+        # Checked before anything is written (these once failed only at the first step).
+        (dict(eps=8), "eps must be in \\(0, 1\\].*8/255"),
+        (dict(interpolation="nearest"), "interpolation must be one of bicubic, bilinear"),
+        (dict(attack_steps=0), "attack_steps must be an integer >= 1"),
+        (dict(eval_eps=8), "eval_eps must be in"),
+        (dict(device="gpu"), "device must be"),
     ],
 )
 def test_bad_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, message):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=message):
-        fastacl_train.train(out_dir=str(out), **overrides)
+    with pytest.raises(fastacl.FastaclError, match=message):
+        fastacl.train(out_dir=str(out), **overrides)
     assert not out.exists()
+
+
+def test_a_failed_start_leaves_the_out_dir_reusable(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="eps"):
+        fastacl.train(out_dir=str(out), eps=8, epochs=1, **TINY)
+    assert not out.exists()
+    result = fastacl.train(out_dir=str(out), eps=0.1, epochs=1, **TINY)
+    assert result.checkpoint.is_file()
 
 
 def test_missing_data_dir_writes_nothing(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
-        fastacl_train.train(dataset="cifar10", data_dir=str(tmp_path / "empty"), out_dir=str(out))
+        fastacl.train(dataset="cifar10", data_dir=str(tmp_path / "empty"), out_dir=str(out))
     assert not out.exists()
 
 
 def test_unknown_override_names_the_valid_fields():
-    with pytest.raises(TypeError, match="unknown TrainConfig field.*'epoch'"):
-        fastacl_train.train(epoch=3)
+    with pytest.raises(TypeError, match="unknown TrainConfig option.*'epoch'"):
+        fastacl.train(epoch=3)
 
 
 def _parameters(path):
@@ -77,18 +126,18 @@ def _parameters(path):
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
     common = dict(method="acl-air", epochs=2, seed=3, **TINY)
-    full = fastacl_train.train(out_dir=str(tmp_path / "full"), **common)
+    full = fastacl.train(out_dir=str(tmp_path / "full"), **common)
 
     # Stop after the first step of epoch 2 (as Ctrl-C does), then resume.
-    stopped = fastacl_train.train(out_dir=str(tmp_path / "cut"),
+    stopped = fastacl.train(out_dir=str(tmp_path / "cut"),
                                   on_step=lambda epoch, step, terms: (epoch, step) == (2, 0),
                                   **common)
     assert stopped.summary == {"interrupted": True}
     state = load_checkpoint(stopped.checkpoint)["extra"]["train_state"]
     assert (state["epoch"], state["step"]) == (2, 1)
     with pytest.raises(FileExistsError, match="already holds a run"):
-        fastacl_train.train(out_dir=str(tmp_path / "cut"), **common)
-    resumed = fastacl_train.train(resume=tmp_path / "cut")
+        fastacl.train(out_dir=str(tmp_path / "cut"), **common)
+    resumed = fastacl.train(resume=tmp_path / "cut")
 
     expected, actual = _parameters(full.checkpoint), _parameters(resumed.checkpoint)
     assert expected.keys() == actual.keys()
@@ -99,7 +148,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_checkpoint_records_method_branch_and_budget(tmp_path):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=1, **TINY)
+    result = fastacl.train(out_dir=str(tmp_path / "run"), epochs=1, **TINY)
     checkpoint = load_checkpoint(result.checkpoint)
     extra = checkpoint["extra"]
     assert extra["method"] == "acl" and extra["encoder_branch"] == "adv"
@@ -116,7 +165,7 @@ def test_checkpoint_records_method_branch_and_budget(tmp_path):
 
 
 def test_cl_baseline_is_single_bn_and_records_the_normal_branch(tmp_path):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), method="cl", epochs=1, **TINY)
+    result = fastacl.train(out_dir=str(tmp_path / "run"), method="cl", epochs=1, **TINY)
     extra = load_checkpoint(result.checkpoint)["extra"]
     assert extra["encoder_branch"] == "normal"
     assert not any("adv" in key for key in load_checkpoint(result.checkpoint)["state_dict"])
@@ -124,7 +173,7 @@ def test_cl_baseline_is_single_bn_and_records_the_normal_branch(tmp_path):
 
 @pytest.mark.slow
 def test_acl_air_loss_falls_over_a_few_epochs(tmp_path):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), method="acl-air", epochs=3,
+    result = fastacl.train(out_dir=str(tmp_path / "run"), method="acl-air", epochs=3,
                                  max_train=512, batch_size=64, attack_steps=2, evaluate=False)
     lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
     totals = [json.loads(line)["total"] for line in lines]
@@ -136,14 +185,20 @@ def test_acl_air_loss_falls_over_a_few_epochs(tmp_path):
 @pytest.mark.slow
 def test_paper_preset_one_epoch_on_synthetic_cifar10(tmp_path):
     make_cifar10(tmp_path / "data", n=64)
-    result = fastacl_train.train(
+    result = fastacl.train(
         dataset="cifar10", data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "run"),
         epochs=1, batch_size=32, max_train=64, eval_epochs=1, eval_max_test=8,
     )
-    assert result.config.model == "resnet18" and result.config.preset == "paper"
+    assert result.config.model.name == "resnet18" and result.config.preset == "paper"
     summary = json.loads((result.out_dir / "summary.json").read_text())
-    assert 0 <= summary["robust_accuracy"] <= summary["standard_accuracy"] <= 1
-    assert summary["attack"].startswith("pgd20")
+    # The closing check ran at the paper's budget, and its figures are the quick check's on
+    # the saved encoder (it is deterministic).
+    assert summary["attack"] == f"pgd20 linf eps={8 / 255:.4g} step={2 / 255:.4g}"
+    model = fastacl.evaluation.load_pretrained(result.checkpoint).model
+    again = quick_check(model, dataset="cifar10", data_dir=str(tmp_path / "data"), branch="adv",
+                        epochs=1, max_test=8, eps=8 / 255, seed=0)
+    assert (again["standard_accuracy"], again["robust_accuracy"]) == (
+        summary["standard_accuracy"], summary["robust_accuracy"])
 
 
 def test_cli_train_rejects_an_unknown_method(tmp_path):
@@ -151,8 +206,9 @@ def test_cli_train_rejects_an_unknown_method(tmp_path):
         [sys.executable, "-m", "fastacl", "train", "--method", "bogus", "--out-dir",
          str(tmp_path / "run")], capture_output=True, text=True,
     )
-    assert result.returncode != 0
-    assert "unknown method 'bogus'" in result.stderr
+    assert result.returncode == 2
+    assert "method must be one of" in result.stderr and "bogus" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -176,7 +232,7 @@ def test_ctrl_c_writes_a_resumable_checkpoint(tmp_path):
     assert "stopping after this step" in stderr
     state = load_checkpoint(out / "checkpoint.pt")["extra"]["train_state"]
     assert 1 <= state["epoch"] < 50
-    resumed = fastacl_train.train(resume=out, on_step=lambda epoch, step, terms: True)
+    resumed = fastacl.train(resume=out, on_step=lambda epoch, step, terms: True)
     assert resumed.summary == {"interrupted": True}
 
 
@@ -185,27 +241,42 @@ def test_cli_speed_and_selection_flags_reach_the_config(monkeypatch):
 
     seen = {}
 
-    def fake_train(**overrides):
+    def fake_train(resume=None, **overrides):
         seen.update(overrides)
         raise SystemExit(0)
 
-    monkeypatch.setattr(fastacl_train, "train", fake_train)
+    monkeypatch.setattr(fastacl, "train", fake_train)
     with pytest.raises(SystemExit):
         cli_main(["train", "--no-fold-bn", "--coreset", "rcs", "--coreset-attack-steps", "1",
-                  "--coreset-precision", "bf16", "--attack-precision", "bf16"])
+                  "--coreset-precision", "bf16", "--attack-precision", "bf16", "--eps", "8/255",
+                  "--warmup-epochs", "0"])
     assert seen == {"fold_bn": False, "coreset": "rcs", "coreset_attack_steps": 1,
-                    "coreset_precision": "bf16", "attack_precision": "bf16"}
+                    "coreset_precision": "bf16", "attack_precision": "bf16", "eps": 8 / 255,
+                    "warmup_epochs": 0}
+
+
+def test_cli_flags_are_the_config_options():
+    from fastacl.cli import build_parser
+    from fastacl.config import option_fields
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {action.dest for action in train_parser._actions} - {"help", "resume"}
+    assert flags == set(option_fields())
 
 
 def test_resume_fills_fields_an_older_checkpoint_lacks(tmp_path):
-    run = fastacl_train.train(out_dir=str(tmp_path / "run"), method="acl", epochs=1,
+    run = fastacl.train(out_dir=str(tmp_path / "run"), method="acl", epochs=1,
                               precision="bf16", **TINY)
-    path = run.out_dir / fastacl_train.CHECKPOINT_NAME
+    path = run.out_dir / CHECKPOINT_NAME
     checkpoint = torch.load(path, weights_only=True)
-    config = checkpoint["extra"]["train_state"]["config"]
+    train_state = checkpoint["extra"]["train_state"]
+    # The flat config of older versions, written before these options existed.
+    config = TrainConfig.from_dict(train_state["config"]).options()
     for name in ("fold_bn", "attack_precision", "coreset_attack_steps", "coreset_precision"):
-        del config[name]  # as written before these options existed
+        del config[name]
+    train_state["config"] = config
     torch.save(checkpoint, path)
-    cfg, _ = fastacl_train._load_resume(run.out_dir, {})
+    cfg, _ = state.load_resume(run.out_dir, {})
     # A bf16 run keeps its bf16 attack; the rest takes today's defaults.
-    assert (cfg.attack_precision, cfg.fold_bn, cfg.precision) == ("bf16", True, "bf16")
+    assert (cfg.speed.attack_precision, cfg.speed.fold_bn, cfg.speed.precision) == (
+        "bf16", True, "bf16")

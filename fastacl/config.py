@@ -1,0 +1,461 @@
+"""The pre-training config: one nested dataclass, its presets, and one `validate()`.
+
+    cfg = TrainConfig.from_options(method="acl-air", dataset="cifar10", eps=8 / 255)
+    cfg.attack.eps, cfg.coreset.fraction, cfg.speed.precision
+
+Settings are grouped by concern (data, model, attack, loss, optim, speed, coreset, eval,
+distributed). Every field carries its help text in its metadata, and each has one flat *option
+name* (`eps`, `attack_steps`, `coreset_fraction`, `evaluate`, ...): the keyword of
+`fastacl.train(...)` and, with dashes, the `fastacl train` flag (the CLI is generated from these
+fields, so each default and help text is written once, here).
+
+None means "from the preset or the method" and is filled in by `resolve()`, which then runs
+`validate()`: every field is checked before the trainer creates or writes anything.
+Algorithm constants are explained in docs/acl-air.md and docs/rcs.md (sections cited below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastacl.errors import ConfigError
+from fastacl.utils import check_choice
+
+METHODS = ("cl", "acl", "acl-air", "dynacl", "dynacl-air")
+PRESETS = ("demo", "paper")
+PRECISIONS = ("fp32", "bf16")
+CORESETS = (None, "rcs", "random")
+# Must match fastacl.data.DATASETS / INTERPOLATIONS and fastacl.models.MODEL_PRESETS (tested).
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "mnist5k")
+INTERPOLATIONS = ("bicubic", "bilinear")
+MODELS = ("resnet18", "resnet18-small")
+# RCS choices (fastacl.coreset; docs/rcs.md sections 2-3).
+GRANULARITIES = ("batch", "sample")
+REFRESHES = ("exact", "cached")
+DIVERGENCES = ("minmax-kl", "softmax-kl")
+BUDGET_ROUNDINGS = ("truncate", "floor")
+
+# Preset values; an explicit value (anything not None) overrides them.
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    # The published recipe (docs/acl-air.md sections 3 and 5).
+    "paper": dict(
+        dataset="cifar10", model="resnet18", epochs=1000, batch_size=512, lr=5.0,
+        eps=8 / 255, step_size=2 / 255, attack_steps=5, eval_epochs=25, eval_max_test=None,
+    ),
+    # The embedded MNIST sample on a small ResNet-18, sized to finish with its evaluation within
+    # 10 minutes on a 2-core CPU. eps 0.15 is an MNIST-sized budget (8/255 is meaningless there).
+    "demo": dict(
+        dataset="mnist5k", model="resnet18-small", epochs=5, batch_size=128, lr=5.0,
+        eps=0.15, step_size=0.05, attack_steps=5, eval_epochs=20, eval_max_test=500,
+    ),
+}
+
+# SIR / AIR weights per method (docs/acl-air.md section 5): 0.5 each for the AIR variants.
+METHOD_LAMBDAS = {"cl": 0.0, "acl": 0.0, "dynacl": 0.0, "acl-air": 0.5, "dynacl-air": 0.5}
+
+
+def option(default: Any, help: str, *, name: str | None = None) -> Any:
+    """A config field with its help text and, if it is not the field's own, its option name."""
+    return field(default=default, metadata={"help": help, "option": name})
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = option(None, "mnist5k (embedded demo) | cifar10 | cifar100 | stl10 | "
+                                       "imagefolder (default mnist5k)")
+    data_dir: str | None = option(None, "folder holding the dataset files (default "
+                                        "$FASTACL_DATA_DIR or ~/data)")
+    max_train: int | None = option(None, "use only the first N training images")
+    interpolation: str = option("bicubic", "bicubic | bilinear (RandomResizedCrop)")
+    dynaug_period: int | None = option(None, "DynAug period K in epochs (default E/20, at "
+                                             "least 1)")
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = option(None, "resnet18 | resnet18-small", name="model")
+
+
+@dataclass
+class AttackConfig:
+    """The training attack: PGD on the contrastive loss (docs/acl-air.md section 3)."""
+
+    eps: float | None = option(None, "l_inf budget in [0, 1] pixel units, e.g. 8/255")
+    step_size: float | None = option(None, "PGD step size, e.g. 2/255")
+    steps: int | None = option(None, "PGD steps (>= 1 for the adversarial methods)",
+                               name="attack_steps")
+    clip_random_start: bool = option(True, "clip the PGD random start to [0, 1] (off: the "
+                                           "published code's unclipped start)")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = option(0.5, "NT-Xent / SIR / AIR temperature")
+    lambda1: float | None = option(None, "SIR weight (default 0.5 for the AIR methods, else 0)")
+    lambda2: float | None = option(None, "AIR weight (default 0.5 for the AIR methods, else 0)")
+    air_form: str = option("exact", "exact | reference-code (docs/acl-air.md section 6)")
+
+
+@dataclass
+class OptimConfig:
+    """LARS with linear warm-up and cosine decay (docs/acl-air.md section 5)."""
+
+    epochs: int | None = option(None, "number of epochs E (schedules scale with E)")
+    batch_size: int | None = option(None, "global batch size N (2N views)")
+    lr: float | None = option(None, "LARS base learning rate")
+    weight_decay: float = option(1e-6, "LARS weight decay")
+    momentum: float = option(0.9, "LARS momentum")
+    lars_eta: float = option(0.001, "LARS trust coefficient")
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    warmup_epochs: int | None = option(None, "LR warm-up epochs (default E/100, at least 1; "
+                                             "0: none)")
+
+
+@dataclass
+class SpeedConfig:
+    """Options that make a run faster without changing the algorithm (see the README, Speed)."""
+
+    precision: str = option("fp32", "fp32 | bf16: autocast for the attack and the training "
+                                    "forwards (CUDA, or a CPU with AMX / AVX512-BF16)")
+    attack_precision: str | None = option(None, "fp32 | bf16: the PGD attack alone (default: "
+                                                "--precision)")
+    channels_last: bool = option(False, "channels_last memory format")
+    compile: bool = option(False, "torch.compile the PGD attack's forward/backward (static "
+                                  "shapes; the first step compiles)")
+    compile_mode: str | None = option(None, "torch.compile mode with --compile, e.g. "
+                                            "reduce-overhead (CUDA graphs)")
+    fold_bn: bool = option(True, "fold the eval-mode BN into the convolutions for the attack "
+                                 "(the same function up to float rounding)")
+    deterministic: bool = option(False, "bit-reproducible run (deterministic kernels, no TF32, "
+                                        "fp32, no compile); slower on CUDA")
+
+
+@dataclass
+class CoresetConfig:
+    """Coreset training (docs/rcs.md): after `warmup` epochs on the full pool, train on a
+    fraction of it, re-selected every `interval` epochs ("rcs") or drawn once ("random"). The
+    validation set U is held out of training in every run, the full-data baseline included."""
+
+    method: str | None = option(None, "rcs | random: train on a coreset after a warm-up "
+                                      "(default: the whole pool)", name="coreset")
+    fraction: float = option(0.2, "coreset fraction k in (0, 1)")
+    warmup: int | None = option(None, "epochs on the full pool before the first selection "
+                                      "(default E/10)")
+    interval: int | None = option(None, "epochs between RCS selections (default E/50)")
+    granularity: str = option("batch", "batch | sample: RCS picks minibatches or images")
+    refresh: str = option("exact", "exact | cached: how RCS refreshes the validation gradient")
+    refresh_every: int = option(20, "cached refresh: re-attack U every m picks")
+    # The pool pass is 75-90% of a round: fewer steps make it cheaper and change what the
+    # selection sees (docs/results.md).
+    attack_steps: int | None = option(None, "PGD steps of the RCS pass over the pool (default: "
+                                            "--attack-steps)")
+    precision: str | None = option(None, "fp32 | bf16: the RCS pool pass (default: "
+                                         "--precision)")
+    divergence: str = option("minmax-kl", "minmax-kl | softmax-kl: the RD divergence")
+    simulated_lr: float = option(0.01, "eta' of the simulated head step")
+    simulated_steps: int = option(1, "times the simulated step is applied (2: the published "
+                                     "code)")
+    budget_rounding: str = option("truncate", "truncate | floor (published: whole minibatches)")
+    validation: float = option(0.01, "share of the training images held out as the RCS "
+                                     "validation set U")
+
+
+@dataclass
+class EvalConfig:
+    """The quick SLF check at the end of a run (the full protocols: `fastacl evaluate`)."""
+
+    enabled: bool = option(True, "quick SLF + PGD-20 evaluation at the end", name="evaluate")
+    epochs: int | None = option(None, "epochs of the closing linear probe")
+    max_test: int | None = option(None, "test images for the closing evaluation (default: all)")
+    eps: float | None = option(None, "attack budget of the closing evaluation (default: --eps)")
+
+
+@dataclass
+class DistributedConfig:
+    """Under torchrun (DDP; batch_size stays the global batch)."""
+
+    gather_negatives: bool = option(True, "compute the losses on the global batch, negatives "
+                                          "from every rank")
+    sync_bn: bool = option(False, "synchronise BN statistics across ranks")
+
+
+SECTIONS = ("data", "model", "attack", "loss", "optim", "speed", "coreset", "eval",
+            "distributed")
+# A section's option names carry its prefix (coreset_fraction, eval_epochs) unless the field
+# names its option itself.
+_PREFIXES = {"coreset": "coreset_", "eval": "eval_"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pre-training run depends on. None means "from the preset" (`resolve`)."""
+
+    method: str = option("acl", "cl | acl | acl-air | dynacl | dynacl-air")
+    preset: str | None = option(None, "demo | paper (default: demo without --dataset or with "
+                                      "mnist5k, paper otherwise)")
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    out_dir: str | None = option(None, "run directory (default "
+                                       "runs/<method>-<dataset>-<timestamp>)")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    coreset: CoresetConfig = field(default_factory=CoresetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    # ---- option names <-> nested fields --------------------------------------------------
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """A config from option names: `TrainConfig.from_options(method="acl", eps=8/255)`."""
+        return cls().with_options(**options)
+
+    def with_options(self, **options: Any) -> TrainConfig:
+        """A copy with the given options (flat names) replaced."""
+        places = option_places()
+        unknown = sorted(set(options) - set(places))
+        if unknown:
+            raise TypeError(f"unknown TrainConfig option(s) {unknown}; valid: {sorted(places)}")
+        cfg = _copy(self)
+        for name, value in options.items():
+            section, attribute = places[name]
+            setattr(cfg if section is None else getattr(cfg, section), attribute, value)
+        return cfg
+
+    def options(self) -> dict[str, Any]:
+        """Every option by its flat name (the inverse of `from_options`)."""
+        return {name: getattr(self if section is None else getattr(self, section), attribute)
+                for name, (section, attribute) in option_places().items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainConfig:
+        """The config saved by `to_dict` (a run's config.json / checkpoint). Fields the saved
+        config lacks get their defaults; the flat layout of older checkpoints is accepted."""
+        if not any(isinstance(saved.get(section), dict) for section in SECTIONS):
+            return cls.from_options(**saved)
+        cfg = cls(**{key: value for key, value in saved.items() if key not in SECTIONS})
+        for section in SECTIONS:
+            values = saved.get(section, {})
+            setattr(cfg, section, type(getattr(cfg, section))(**values))
+        return cfg
+
+    # ---- derived facts -------------------------------------------------------------------
+
+    @property
+    def is_adversarial(self) -> bool:
+        return self.method != "cl"
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.method.startswith("dynacl")
+
+    @property
+    def encoder_branch(self) -> str:
+        """The BN branch whose encoder is the pre-trained model ("adv" for the ACL family)."""
+        return "adv" if self.is_adversarial else "normal"
+
+    # ---- presets and validation ----------------------------------------------------------
+
+    def resolve(self) -> TrainConfig:
+        """A validated copy with the preset, the method's defaults and the epoch-relative
+        schedules filled in (docs/acl-air.md section 5: schedules scale with E, so a short run
+        keeps the published shape)."""
+        from fastacl.data.augmentation import dynaug_period
+
+        check_choice("method", self.method, METHODS)
+        preset = self.preset or ("demo" if self.data.dataset in (None, "mnist5k") else "paper")
+        check_choice("preset", preset, PRESETS)
+        given = self.options()
+        cfg = self.with_options(preset=preset, **{
+            name: value for name, value in PRESET_VALUES[preset].items() if given[name] is None})
+        _check_positive_int(cfg.optim.epochs, "epochs")
+        epochs = cfg.optim.epochs
+        defaults = {
+            "attack_precision": cfg.speed.precision,
+            "lambda1": METHOD_LAMBDAS[cfg.method], "lambda2": METHOD_LAMBDAS[cfg.method],
+            "warmup_epochs": max(1, round(epochs / 100)),
+            "dynaug_period": dynaug_period(epochs),
+            "eval_eps": cfg.attack.eps,
+            "coreset_attack_steps": cfg.attack.steps, "coreset_precision": cfg.speed.precision,
+            # docs/rcs.md section 4: warm-up E/10 and interval E/50 (100 and 20 at E = 1000).
+            "coreset_warmup": max(1, round(epochs / 10)),
+            "coreset_interval": max(1, round(epochs / 50)),
+        }
+        given = cfg.options()
+        cfg = cfg.with_options(**{name: value for name, value in defaults.items()
+                                  if given[name] is None})
+        if cfg.device == "auto":
+            cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Check every field of a resolved config; a ConfigError names the first bad one."""
+        for check in (_check_run, _check_data, _check_attack, _check_loss, _check_optim,
+                      _check_speed, _check_coreset, _check_eval):
+            check(self)
+
+
+def option_places() -> dict[str, tuple[str | None, str]]:
+    """option name -> (section or None for a top-level field, attribute)."""
+    places: dict[str, tuple[str | None, str]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in SECTIONS:
+            places[f.name] = (None, f.name)
+            continue
+        for inner in dataclasses.fields(f.default_factory):
+            name = inner.metadata["option"] or _PREFIXES.get(f.name, "") + inner.name
+            places[name] = (f.name, inner.name)
+    return places
+
+
+def option_fields() -> dict[str, tuple[dataclasses.Field, type]]:
+    """option name -> (its dataclass field, its value type without None): what the CLI needs."""
+    out = {}
+    for name, (section, attribute) in option_places().items():
+        owner = TrainConfig if section is None else type(getattr(TrainConfig(), section))
+        hints = typing.get_type_hints(owner)
+        kind = hints[attribute]
+        kind = next(a for a in typing.get_args(kind) if a is not type(None)) if (
+            typing.get_origin(kind) is typing.Union or type(kind).__name__ == "UnionType"
+        ) else kind
+        out[name] = (next(f for f in dataclasses.fields(owner) if f.name == attribute), kind)
+    return out
+
+
+def _copy(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+
+
+# ---- the checks, one per concern ---------------------------------------------------------------
+
+def _check_positive_int(value: Any, name: str, minimum: int = 1, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}{why}, got {value!r}")
+
+
+def _check_budget(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}: pixel values are in [0, 1]"
+                          + (f"; did you mean {value}/255?" if isinstance(value, (int, float))
+                             and 1 < value <= 255 else ""))
+
+
+def _check_run(cfg: TrainConfig) -> None:
+    _check_positive_int(cfg.seed, "seed", minimum=0)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    check_choice("dataset", cfg.data.dataset, DATASETS)
+    check_choice("interpolation", cfg.data.interpolation, INTERPOLATIONS)
+    check_choice("model", cfg.model.name, MODELS)
+    if cfg.data.max_train is not None:
+        _check_positive_int(cfg.data.max_train, "max_train")
+    _check_positive_int(cfg.data.dynaug_period, "dynaug_period")
+
+
+def _check_attack(cfg: TrainConfig) -> None:
+    if not cfg.is_adversarial:
+        return
+    _check_budget(cfg.attack.eps, "eps")
+    if not (isinstance(cfg.attack.step_size, (int, float)) and cfg.attack.step_size > 0):
+        raise ConfigError(f"step_size must be a number > 0, got {cfg.attack.step_size!r}")
+    _check_positive_int(cfg.attack.steps, "attack_steps",
+                        why=f" for the adversarial method {cfg.method!r} (use method='cl' to "
+                            "train without an attack)")
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    if not cfg.loss.temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {cfg.loss.temperature!r}")
+    for name in ("lambda1", "lambda2"):
+        if not getattr(cfg.loss, name) >= 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg.loss, name)!r}")
+    check_choice("air_form", cfg.loss.air_form, ("exact", "reference-code"))
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    _check_positive_int(o.batch_size, "batch_size", minimum=2, why=" (NT-Xent needs negatives)")
+    _check_positive_int(o.warmup_epochs, "warmup_epochs", minimum=0)
+    if o.warmup_epochs > o.epochs:
+        raise ConfigError(f"warmup_epochs must be <= epochs = {o.epochs}, got {o.warmup_epochs}")
+    if not (o.lr > 0 and o.weight_decay >= 0 and 0 <= o.momentum < 1 and o.lars_eta > 0
+            and 0 <= o.min_lr <= o.lr):
+        raise ConfigError(
+            f"need lr > 0, weight_decay >= 0, momentum in [0, 1), lars_eta > 0 and min_lr in "
+            f"[0, lr]; got lr={o.lr}, weight_decay={o.weight_decay}, momentum={o.momentum}, "
+            f"lars_eta={o.lars_eta}, min_lr={o.min_lr}")
+
+
+def _check_speed(cfg: TrainConfig) -> None:
+    s = cfg.speed
+    check_choice("precision", s.precision, PRECISIONS)
+    check_choice("attack_precision", s.attack_precision, PRECISIONS)
+    if s.compile_mode is not None and not s.compile:
+        raise ConfigError(f"compile_mode={s.compile_mode!r} needs compile=True (--compile)")
+    if s.deterministic and (s.precision != "fp32" or s.attack_precision != "fp32" or s.compile
+                            or cfg.coreset.precision not in (None, "fp32")):
+        raise ConfigError(
+            "deterministic=True trades speed for bit-reproducibility and runs fp32 eager "
+            f"kernels: it cannot be combined with precision={s.precision!r} / "
+            f"attack_precision={s.attack_precision!r} / coreset_precision="
+            f"{cfg.coreset.precision!r} / compile={s.compile}")
+
+
+def _check_coreset(cfg: TrainConfig) -> None:
+    c = cfg.coreset
+    check_choice("coreset", c.method, CORESETS)
+    if not 0.0 <= c.validation < 1.0:
+        raise ConfigError(f"coreset_validation must be in [0, 1) (the share of the training "
+                          f"images held out as U), got {c.validation}")
+    if c.method is None:
+        return
+    if not 0.0 < c.fraction < 1.0:
+        raise ConfigError(f"coreset_fraction must be in (0, 1) (the share of the pool trained "
+                          f"on), got {c.fraction}")
+    if c.method == "rcs" and not cfg.is_adversarial:
+        raise ConfigError("coreset='rcs' selects for robustness (RD uses the adversarial BN "
+                          f"branch): use an adversarial method, not {cfg.method!r}, or "
+                          "coreset='random'")
+    if c.method == "rcs" and c.validation == 0:
+        raise ConfigError("coreset='rcs' needs a validation set U: coreset_validation must be "
+                          "> 0")
+    for name, choices in (("granularity", GRANULARITIES), ("refresh", REFRESHES),
+                          ("divergence", DIVERGENCES), ("budget_rounding", BUDGET_ROUNDINGS)):
+        check_choice("coreset_" + name, getattr(c, name), choices)
+    check_choice("coreset_precision", c.precision, PRECISIONS)
+    _check_positive_int(c.refresh_every, "coreset_refresh_every")
+    _check_positive_int(c.simulated_steps, "coreset_simulated_steps", minimum=0)
+    if not c.simulated_lr >= 0:
+        raise ConfigError(f"coreset_simulated_lr must be >= 0, got {c.simulated_lr}")
+    _check_positive_int(c.attack_steps, "coreset_attack_steps", minimum=0,
+                        why=" (PGD steps of the selection's pass over the pool)")
+    _check_positive_int(c.interval, "coreset_interval")
+    if not (isinstance(c.warmup, int) and 0 <= c.warmup < cfg.optim.epochs):
+        raise ConfigError(f"coreset_warmup must be in [0, epochs = {cfg.optim.epochs}) (else "
+                          f"the coreset is never used), got {c.warmup!r}")
+
+
+def _check_eval(cfg: TrainConfig) -> None:
+    if not cfg.eval.enabled:
+        return
+    _check_positive_int(cfg.eval.epochs, "eval_epochs")
+    if cfg.eval.max_test is not None:
+        _check_positive_int(cfg.eval.max_test, "eval_max_test")
+    _check_budget(cfg.eval.eps, "eval_eps")
