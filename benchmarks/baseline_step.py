@@ -1,7 +1,7 @@
 """A plain eager PyTorch ACL-AIR training step, written the way the published code runs it.
 
 A yardstick for benchmarks/bench_train_step.py (issues 5 and 9), nothing more: fastacl never
-imports it. It computes what fastacl.train.train_step computes (tests/test_baseline_step.py
+imports it. It computes what fastacl.pretrain.train_step computes (tests/test_baseline_step.py
 checks the loss terms, the adversarial examples and the update against fastacl in fp32), the
 way the ACL / DynACL / AIR code computes it:
 
@@ -20,7 +20,7 @@ way the ACL / DynACL / AIR code computes it:
 - fp32 throughout: no autocast, no channels_last.
 - Three separate train-mode forwards: adversarial views ("adv" BN), natural views and
   originals ("normal" BN).
-- Losses written plainly from spec/acl-air.md sections 4 and 6: NT-Xent materialising the
+- Losses written plainly from docs/acl-air.md sections 4 and 6: NT-Xent materialising the
   2N x 2N similarity matrix, SIR / AIR as softmaxes, logs and sums. fastacl.ops is not used.
 - Optimiser: fastacl.optim.LARS, the same as fastacl's: the optimiser is not what is compared.
 
@@ -28,7 +28,7 @@ Loss: L = (1 - w) NTX(nat) + (1 + w) NTX(adv) + lambda1 SIR + lambda2 AIR, NOT h
 fastacl's ACLLoss; the original ACL code halves it, which LARS makes immaterial).
 Random start: delta ~ U[-eps, eps] (the published torch.rand_like(x) * 2 eps - eps, drawn with
 uniform_ so that a shared generator gives fastacl's exact start); x + delta is clipped to [0, 1]
-when cfg.clip_random_start (fastacl's default; False is the published behaviour).
+when cfg.attack.clip_random_start (fastacl's default; False is the published behaviour).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ _JITTER = (
 
 def augment_one(image: torch.Tensor, strength: float = 1.0, interpolation: str = "bicubic",
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """One random view of ONE uint8 image [C, H, W] (spec section 1), float [C, H, W] in [0, 1].
+    """One random view of ONE uint8 image [C, H, W] (docs/acl-air.md section 1), float [C, H, W]
+    in [0, 1].
 
     Compose([RandomResizedCrop(size, scale=(1 - 0.9 s, 1)), RandomHorizontalFlip(),
     RandomApply([ColorJitter(0.4 s, 0.4 s, 0.4 s, 0.1 s)], p=0.8 s), RandomGrayscale(0.2 s)]),
@@ -134,7 +135,7 @@ def make_loader(images: torch.Tensor, batch_size: int, num_workers: int = 2, *,
     )
 
 
-# ---- losses, written plainly (spec sections 4 and 6) --------------------------------------------
+# ---- losses, written plainly (docs/acl-air.md sections 4 and 6) ---------------------------------
 
 def nt_xent_plain(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """NT-Xent with the full 2N x 2N similarity matrix; the anchor itself masked out as the
@@ -174,7 +175,7 @@ def air_plain(z1, z2, z_orig, z1_adv, z2_adv, temperature: float = 0.5,
 def loss_terms_plain(z1, z2, z_orig, z1_adv, z2_adv, *, weight_w: float = 0.0,
                      lambda1: float = 0.5, lambda2: float = 0.5, temperature: float = 0.5,
                      form: str = "exact") -> dict[str, torch.Tensor]:
-    """The ACL / DynACL / AIR objective (spec section 5); 'total' is differentiable."""
+    """The ACL / DynACL / AIR objective (docs/acl-air.md section 5); 'total' is differentiable."""
     natural = nt_xent_plain(z1, z2, temperature)
     adversarial = nt_xent_plain(z1_adv, z2_adv, temperature)
     total = (1 - weight_w) * natural + (1 + weight_w) * adversarial
@@ -218,14 +219,14 @@ def pgd_contrastive_published(model, x1, x2, eps: float, step_size: float, steps
 
 
 def baseline_step(model, optimizer, x_orig, x1, x2, cfg, generator=None, weight_w: float = 0.0):
-    """One ACL-AIR step the published way; same arguments as fastacl.train.train_step (cfg: a
+    """One ACL-AIR step the published way; same arguments as fastacl.pretrain.train_step (cfg: a
     resolved TrainConfig; precision and channels_last are ignored: fp32, contiguous).
     Returns the loss terms as detached 0-d tensors."""
-    # The same profiler phase names as fastacl.train.train_step (benchmarks/profile_step.py).
+    # The same profiler phase names as fastacl.pretrain.train_step (benchmarks/profile_step.py).
     with record_function("fastacl.attack"):
         x1_adv, x2_adv = pgd_contrastive_published(
-            model, x1, x2, cfg.eps, cfg.step_size, cfg.attack_steps, cfg.temperature,
-            cfg.clip_random_start, generator,
+            model, x1, x2, cfg.attack.eps, cfg.attack.step_size, cfg.attack.steps,
+            cfg.loss.temperature, cfg.attack.clip_random_start, generator,
         )
     model.train()
     with record_function("fastacl.forward"):
@@ -233,12 +234,12 @@ def baseline_step(model, optimizer, x_orig, x1, x2, cfg, generator=None, weight_
         features = model(torch.cat([x1, x2]), branch="normal")
         # The originals' pass: SIR / AIR only (the AIR code runs it, the ACL code does not).
         features_orig = (model(x_orig, branch="normal")
-                         if cfg.lambda1 > 0 or cfg.lambda2 > 0 else None)
+                         if cfg.loss.lambda1 > 0 or cfg.loss.lambda2 > 0 else None)
         z1_adv, z2_adv = features_adv.chunk(2)
         z1, z2 = features.chunk(2)
         terms = loss_terms_plain(
-            z1, z2, features_orig, z1_adv, z2_adv, weight_w=weight_w, lambda1=cfg.lambda1,
-            lambda2=cfg.lambda2, temperature=cfg.temperature, form=cfg.air_form,
+            z1, z2, features_orig, z1_adv, z2_adv, weight_w=weight_w, lambda1=cfg.loss.lambda1,
+            lambda2=cfg.loss.lambda2, temperature=cfg.loss.temperature, form=cfg.loss.air_form,
         )
     with record_function("fastacl.backward"):
         optimizer.zero_grad()

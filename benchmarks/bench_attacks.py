@@ -1,6 +1,6 @@
 """PGD throughput, in the same run:
 
-1. The ACL attack (PGD on NT-Xent over both views, spec section 3) on the paper's dual-BN
+1. The ACL attack (PGD on NT-Xent over both views, docs/acl-air.md section 3) on the paper's dual-BN
    ResNet-18 at 32x32: fastacl.attacks.pgd_contrastive ("ours": parameters frozen, autograd.grad
    with respect to the input only) against the published loop ("published": loss.backward()
    through every parameter each step, then the input's .grad). Same model, loss, start and
@@ -98,7 +98,8 @@ def test_contrastive_attack_resnet18(benchmark, device, implementation):
 
 
 def unfused_pgd_step(x_adv, grad, x_nat):
-    """Spec section 3's canonical form as separate PyTorch ops (each one a pass over memory)."""
+    """docs/acl-air.md section 3's canonical form as separate PyTorch ops (each one a pass over
+    memory)."""
     delta = x_adv - x_nat
     delta = delta + ALPHA * torch.sign(grad)
     delta = torch.clamp(delta, -EPS, EPS)

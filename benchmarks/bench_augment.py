@@ -3,8 +3,8 @@
     python -m pytest benchmarks/bench_augment.py            # pytest-benchmark (gpu tier skips)
     python benchmarks/bench_augment.py [--size 32] [--batch 512] [--threads N]   # table
 
-Three ways to make one view of each of 512 uint8 CIFAR-size images (spec section 1, s = 1,
-bicubic), all producing the same float [0, 1] result for the same parameters:
+Three ways to make one view of each of 512 uint8 CIFAR-size images (docs/acl-air.md section 1,
+s = 1, bicubic), all producing the same float [0, 1] result for the same parameters:
 - batched: fastacl.data.augment on the whole batch (parameters drawn for the batch, crop +
   resize as two batched matmuls, jitter by slots);
 - per-image reference: a Python loop over images doing what torchvision's tensor transforms do

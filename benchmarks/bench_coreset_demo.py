@@ -1,4 +1,4 @@
-"""ACL on the demo set: full pool vs RCS vs a random subset at k = 0.2 (spec/rcs.md).
+"""ACL on the demo set: full pool vs RCS vs a random subset at k = 0.2 (docs/rcs.md).
 
     python benchmarks/bench_coreset_demo.py                      full x 1 seed, RCS and random x 3
     python benchmarks/bench_coreset_demo.py --full-seeds 0 1 2   full ACL over 3 seeds too
@@ -41,11 +41,11 @@ def _runs(full_seeds, seeds):
 
 
 def run_one(kind: str, seed: int, out: Path) -> dict:
-    import fastacl.train as fastacl_train
+    import fastacl
 
     overrides = {} if kind == "full" else {"coreset": kind, "coreset_fraction": FRACTION}
     start = time.perf_counter()
-    result = fastacl_train.train(out_dir=str(out / f"{kind}-seed{seed}"), seed=seed, **overrides)
+    result = fastacl.train(out_dir=str(out / f"{kind}-seed{seed}"), seed=seed, **overrides)
     total = time.perf_counter() - start
     summary = result.summary
     return {"kind": kind, "seed": seed, "standard_accuracy": summary["standard_accuracy"],

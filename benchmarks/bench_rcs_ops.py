@@ -1,5 +1,5 @@
 """RCS hot loops on the CPU: the C++ extension ("ours") against the PyTorch reference ("torch"),
-same inputs, same run (spec/rcs.md section 5: at sample granularity these dominate selection).
+same inputs, same run (docs/rcs.md section 5: at sample granularity these dominate selection).
 
     python -m pytest benchmarks/bench_rcs_ops.py        pytest-benchmark, small pick counts
     python benchmarks/bench_rcs_ops.py [--threads N] [--picks 5000] [--budget 20]   a table

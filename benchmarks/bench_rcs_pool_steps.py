@@ -3,12 +3,12 @@
     python benchmarks/bench_rcs_pool_steps.py --checkpoint runs/demo/checkpoint.pt
     python benchmarks/bench_rcs_pool_steps.py                  # trains a 2-epoch demo model first
 
-Three quarters or more of an RCS round is the PGD pass over the pool (spec/rcs.md section 5), so
+Three quarters or more of an RCS round is the PGD pass over the pool (docs/rcs.md section 5), so
 the round's cost is roughly proportional to 1 + its PGD steps. This script runs one selection
 round (granularity batch, k = 0.2, the demo preset's eps and batch) at the same model state and
 the same minibatches for each number of pool PGD steps and each precision of the pass (fp32, and
 bf16 autocast where the device has fast bf16), with two attack seeds each, and compares every
-round with the spec's 5-step fp32 round (attack seed 0):
+round with the default 5-step fp32 round (attack seed 0):
 
 - gain correlation: Spearman correlation of the first pick's scores <r_e, v> over all elements;
 - overlap: |S ∩ S_ref| / budget of the selected images (a random subset: k in expectation);
@@ -27,14 +27,14 @@ import time
 
 import torch
 
+from fastacl import TrainConfig, train
 from fastacl.coreset import select_coreset, validation_split
 from fastacl.data import DeviceDataset, load_dataset
-from fastacl.losses import ACLLoss
 from fastacl.models import build_model_from_checkpoint
 from fastacl.optim import LARS
-from fastacl.train import TrainConfig, train, train_step
+from fastacl.pretrain import loss_for, train_step
 
-FRACTION, INTERVAL = 0.2, 20  # k and I of the paper's CIFAR-10 schedule (spec/rcs.md section 4)
+FRACTION, INTERVAL = 0.2, 20  # k and I of the paper's CIFAR-10 schedule (docs/rcs.md section 4)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,15 +48,15 @@ def epoch_seconds(model, dataset, pool, cfg: TrainConfig) -> float:
     import copy
 
     model = copy.deepcopy(model).train()
-    optimizer = LARS(model.parameters(), lr=cfg.lr)
-    loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+    optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = loss_for(cfg)
     generator, attack_generator = torch.Generator().manual_seed(0), torch.Generator()
     order = pool[torch.randperm(pool.numel(), generator=generator)]
     start = time.perf_counter()
-    for index in order.split(cfg.batch_size):
+    for index in order.split(cfg.optim.batch_size):
         if index.numel() < 2:
             continue
-        x1, x2, x_orig = dataset.views(index, 1.0, generator, cfg.interpolation)
+        x1, x2, x_orig = dataset.views(index, 1.0, generator, cfg.data.interpolation)
         train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg, attack_generator)
     return time.perf_counter() - start
 
@@ -73,28 +73,29 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(method="acl", evaluate=False).resolve()  # the demo preset
+    cfg = TrainConfig.from_options(method="acl", evaluate=False).resolve()  # the demo preset
     checkpoint = args.checkpoint
     if checkpoint is None:
-        result = train(TrainConfig(method="acl", epochs=2, evaluate=False,
+        result = train(TrainConfig.from_options(method="acl", epochs=2, evaluate=False,
                                    out_dir="runs/rcs-pool-steps-model"))
         checkpoint = result.checkpoint
     model = build_model_from_checkpoint(checkpoint)
-    images = load_dataset(cfg.dataset, split="train")[0]
+    images = load_dataset(cfg.data.dataset, split="train")[0]
     dataset = DeviceDataset(images)
-    pool, validation = validation_split(images.shape[0], cfg.coreset_validation, seed=0)
+    pool, validation = validation_split(images.shape[0], cfg.coreset.validation, seed=0)
 
     def round_with(steps: int, attack_seed: int, precision: str = "fp32"):
         return select_coreset(
-            model, dataset, pool, validation, FRACTION, batch_size=cfg.batch_size, eps=cfg.eps,
-            step_size=cfg.step_size, attack_steps=steps, temperature=cfg.temperature,
+            model, dataset, pool, validation, FRACTION, batch_size=cfg.optim.batch_size,
+            eps=cfg.attack.eps,
+            step_size=cfg.attack.step_size, attack_steps=steps, temperature=cfg.loss.temperature,
             generator=torch.Generator().manual_seed(0),  # the same minibatches every round
             attack_generator=torch.Generator().manual_seed(attack_seed),
             autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
 
     epoch = epoch_seconds(model, dataset, pool, cfg)
     print(f"checkpoint {checkpoint}; one training epoch over the pool ({pool.numel()} images, "
-          f"batch {cfg.batch_size}, {torch.get_num_threads()} threads): {epoch:.1f} s")
+          f"batch {cfg.optim.batch_size}, {torch.get_num_threads()} threads): {epoch:.1f} s")
     reference = round_with(5, 0)
     rows = []
     header = (f"{'pass':>4} {'pool PGD steps':>14} {'attack seed':>11} {'round s':>8} "

@@ -8,7 +8,7 @@ run, images per second and the ratio.
     python -m pytest benchmarks/bench_train_step.py -m gpu  # the GPU suite only
 
 fastacl: uint8 set resident on the device (fastacl.data.DeviceDataset), both views of the batch
-augmented in one batched call, then fastacl.train.train_step (PGD with input-only gradients,
+augmented in one batched call, then fastacl.pretrain.train_step (PGD with input-only gradients,
 fused ops, optional bf16 autocast / channels_last / compile). Timed per step: index batch +
 augmentation + step. Baseline: a DataLoader whose workers augment one image at a time, fp32,
 PGD with a full loss.backward() through the parameters each step, three forwards, plain losses
@@ -54,11 +54,12 @@ import pytest
 import torch
 from torch.profiler import record_function
 
+from fastacl import TrainConfig
 from fastacl.data import DeviceDataset, load_dataset
-from fastacl.losses import ACLLoss
+from fastacl.errors import ConfigError
 from fastacl.models import build_model
 from fastacl.optim import LARS
-from fastacl.train import TrainConfig, train_step
+from fastacl.pretrain import loss_for, train_step
 
 try:  # run as a script or collected by pytest from benchmarks/
     from baseline_step import baseline_step, make_loader
@@ -136,7 +137,7 @@ def case_images(case: Case) -> torch.Tensor:
 
 
 def case_config(case: Case, variant: Variant = FP32) -> TrainConfig:
-    return TrainConfig(
+    return TrainConfig.from_options(
         method="acl-air", dataset="mnist5k" if case.data == "mnist5k" else "cifar10",
         model=case.model, batch_size=case.batch, precision=variant.precision,
         channels_last=variant.channels_last, compile=variant.compile,
@@ -157,17 +158,17 @@ def _sync(device: torch.device) -> None:
 
 
 class FastaclRunner:
-    """fastacl's training loop body (fastacl.train._run) with a fixed learning rate."""
+    """fastacl's training loop body (fastacl.pretrain.loop) with a fixed learning rate."""
 
     def __init__(self, images: torch.Tensor, model, cfg: TrainConfig):
         self.cfg, self.device = cfg, torch.device(cfg.device)
         self.dataset = DeviceDataset(images, device=self.device)
         self.model = model.to(self.device).train()
-        if cfg.channels_last:
+        if cfg.speed.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
-        self.loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+        self.optimizer = LARS(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                              weight_decay=cfg.optim.weight_decay, eta=cfg.optim.lars_eta)
+        self.loss_fn = loss_for(cfg)
         self.data_generator = torch.Generator().manual_seed(cfg.seed)
         self.attack_generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         self.epoch = 0
@@ -178,7 +179,7 @@ class FastaclRunner:
         if index is None:
             self.epoch += 1
             shuffle = torch.Generator().manual_seed(self.epoch)
-            self._batches = self.dataset.batches(self.cfg.batch_size, shuffle)
+            self._batches = self.dataset.batches(self.cfg.optim.batch_size, shuffle)
             index = next(self._batches)
         return index
 
@@ -186,8 +187,8 @@ class FastaclRunner:
         cfg = self.cfg
         with record_function("fastacl.data"):
             x1, x2, x_orig = self.dataset.views(self._next_index(), 1.0, self.data_generator,
-                                                cfg.interpolation)
-            if cfg.channels_last:
+                                                cfg.data.interpolation)
+            if cfg.speed.channels_last:
                 x1, x2, x_orig = (t.contiguous(memory_format=torch.channels_last)
                                   for t in (x1, x2, x_orig))
         train_step(self.model, self.loss_fn, self.optimizer, x_orig, x1, x2, cfg,
@@ -204,10 +205,10 @@ class BaselineRunner:
     def __init__(self, images: torch.Tensor, model, cfg: TrainConfig, num_workers: int):
         self.cfg, self.device = cfg, torch.device(cfg.device)
         self.model = model.to(self.device).train()
-        self.optimizer = LARS(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
-        self.loader = make_loader(images, cfg.batch_size, num_workers,
-                                  interpolation=cfg.interpolation, seed=cfg.seed,
+        self.optimizer = LARS(self.model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                              weight_decay=cfg.optim.weight_decay, eta=cfg.optim.lars_eta)
+        self.loader = make_loader(images, cfg.optim.batch_size, num_workers,
+                                  interpolation=cfg.data.interpolation, seed=cfg.seed,
                                   pin_memory=self.device.type == "cuda")
         self.num_workers = num_workers
         self._iterator = None
@@ -250,7 +251,7 @@ def measure(runner, steps: int, warmup: int = 1) -> float:
     for _ in range(steps):
         runner.step()
     seconds = time.perf_counter() - start
-    return runner.cfg.batch_size * steps / seconds
+    return runner.cfg.optim.batch_size * steps / seconds
 
 
 def device_name(case: Case) -> str:
@@ -349,17 +350,17 @@ def parse_variant(text: str) -> Variant:
     no_fold (the attack without BN folding), bf16_attack (the attack alone in bf16)."""
     parts = [part.strip() for part in text.split("+") if part.strip()]
     if not parts or parts[0] not in ("fp32", "bf16"):
-        raise ValueError(f"variant {text!r} must start with fp32 or bf16, e.g. "
+        raise ConfigError(f"variant {text!r} must start with fp32 or bf16, e.g. "
                          "bf16+channels_last+compile")
     unknown = set(parts[1:]) - {"channels_last", "compile", "no_fold", "bf16_attack"}
     if unknown:
-        raise ValueError(f"variant {text!r}: unknown part(s) {sorted(unknown)}; known: "
+        raise ConfigError(f"variant {text!r}: unknown part(s) {sorted(unknown)}; known: "
                          "channels_last, compile, no_fold, bf16_attack")
     return Variant(parts[0], "channels_last" in parts, "compile" in parts,
                    fold_bn="no_fold" not in parts, attack_bf16="bf16_attack" in parts)
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastacl bench",
         description="ACL-AIR training-step throughput: fastacl vs the published-style "
@@ -376,6 +377,15 @@ def main(argv=None) -> list[dict]:
                         help="fastacl variants instead of each case's own, e.g. fp32 "
                         "bf16+channels_last+compile")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the rows here")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@ each fastacl variant, grouped into a few categories (issue 9, deliverable 2).
 
 Prints two markdown tables: per implementation, milliseconds per step in each phase of the step
 (data, attack, training forwards + losses, backward, optimiser: the record_function ranges of
-fastacl.train.train_step and baseline_step) with the step's wall time, and milliseconds per
+fastacl.pretrain.train_step and baseline_step) with the step's wall time, and milliseconds per
 step by op category (self time of the ops: CPU time on the CPU, kernel time on CUDA).
 Categories are by op name, so they read the same for eager and compiled code: convolution
 forward / backward (oneDNN, cuDNN), batch norm, other elementwise (ReLU, add, copies, casts:
@@ -64,7 +64,7 @@ PHASES = ("data", "attack", "forward", "backward", "optimizer")
 def profile_runner(runner, steps: int, cuda: bool):
     """(ms per step per op category, ms per step per phase, wall ms per step) over `steps`
     profiled steps. Phases are the record_function ranges "fastacl.<phase>" that
-    fastacl.train.train_step, baseline_step and the runners open (inclusive CPU time)."""
+    fastacl.pretrain.train_step, baseline_step and the runners open (inclusive CPU time)."""
     runner.step()  # warm-up: compile, oneDNN / cuDNN set-up, loader workers
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:

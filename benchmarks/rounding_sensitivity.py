@@ -21,12 +21,12 @@ import copy
 import torch
 
 import fastacl.attacks as attacks
+from fastacl import TrainConfig
 from fastacl.data import DeviceDataset, load_dataset
-from fastacl.losses import ACLLoss
 from fastacl.models import build_model
 from fastacl.models.folded import folded_for_attack
 from fastacl.optim import LARS
-from fastacl.train import TrainConfig, train_step
+from fastacl.pretrain import loss_for, train_step
 
 
 def differ(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,20 +40,21 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(method="acl", evaluate=False, seed=args.seed).resolve()
-    images = load_dataset(cfg.dataset, split="train")[0]
+    cfg = TrainConfig.from_options(method="acl", evaluate=False, seed=args.seed).resolve()
+    images = load_dataset(cfg.data.dataset, split="train")[0]
     dataset = DeviceDataset(images)
     torch.manual_seed(args.seed)
-    initial = build_model(cfg.model, in_channels=images.shape[1]).train()
+    initial = build_model(cfg.model.name, in_channels=images.shape[1]).train()
 
     g = torch.Generator().manual_seed(args.seed)
-    x1, x2, _ = dataset.views(torch.randperm(images.shape[0], generator=g)[: cfg.batch_size],
+    x1, x2, _ = dataset.views(torch.randperm(images.shape[0], generator=g)[: cfg.optim.batch_size],
                               1.0, g)
 
     def attack(model, memory_format=torch.contiguous_format):
         views = [x.contiguous(memory_format=memory_format) for x in (x1, x2)]
         return torch.cat(attacks.pgd_contrastive(
-            model, *views, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+            model, *views, eps=cfg.attack.eps, step_size=cfg.attack.step_size,
+            steps=cfg.attack.steps,
             generator=torch.Generator().manual_seed(1)))
 
     reference = attack(initial)
@@ -64,11 +65,10 @@ def main(argv=None) -> None:
 
     runs = {}
     for fold_bn in (False, True):
-        step_cfg = TrainConfig(method="acl", evaluate=False, fold_bn=fold_bn).resolve()
+        step_cfg = TrainConfig.from_options(method="acl", evaluate=False, fold_bn=fold_bn).resolve()
         model = copy.deepcopy(initial)
-        optimizer = LARS(model.parameters(), lr=step_cfg.lr)
-        loss_fn = ACLLoss(0.0, step_cfg.lambda1, step_cfg.lambda2, step_cfg.temperature,
-                          step_cfg.air_form)
+        optimizer = LARS(model.parameters(), lr=step_cfg.optim.lr)
+        loss_fn = loss_for(step_cfg)
         g, attack_generator = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
         views, losses = [], []
         original = attacks.pgd_contrastive
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
         attacks.pgd_contrastive = recording  # train_step imports it from the module per call
         try:
             for _ in range(args.steps):
-                index = torch.randperm(images.shape[0], generator=g)[: step_cfg.batch_size]
+                index = torch.randperm(images.shape[0], generator=g)[: step_cfg.optim.batch_size]
                 v1, v2, originals = dataset.views(index, 1.0, g)
                 terms = train_step(model, loss_fn, optimizer, originals, v1, v2, step_cfg,
                                    attack_generator)

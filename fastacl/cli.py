@@ -15,7 +15,7 @@ import torch
 
 import fastacl
 from fastacl.config import option_fields
-from fastacl.errors import FastaclError, MissingFileError
+from fastacl.errors import ConfigError, FastaclError, MissingFileError
 from fastacl.ops import extension_status, requested_backend
 from fastacl.ops._dispatch import triton_available, triton_interpreter
 
@@ -67,6 +67,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in option_fields()
                if getattr(args, name) is not None}
+    if args.dry_run:  # the resolved config, validated; nothing is read or written
+        if args.resume:
+            raise ConfigError("--dry-run shows a new run's config; it does not take --resume")
+        print(json.dumps(fastacl.TrainConfig.from_options(**options).resolve().to_dict(),
+                         indent=2))
+        return 0
     result = fastacl.train(resume=args.resume, **options)
     summary = result.summary
     if summary.get("interrupted"):
@@ -150,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(train)
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved, validated config and exit")
     train.set_defaults(func=_train)
 
     evaluate = commands.add_parser(
@@ -202,17 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# `fastacl bench` runs benchmarks/bench_train_step.py of a source checkout: the published-style
+# baseline step it measures against is a yardstick beside the benchmarks, not library code, so
+# it is not in the installed package. An installed package says so instead of failing on import.
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
 def _bench(args: argparse.Namespace) -> int:
-    """Runs benchmarks/bench_train_step.py's main: the baseline it compares with is a yardstick
-    that lives beside the benchmarks in a source checkout, not in the installed package."""
-    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    """Runs benchmarks/bench_train_step.py's main with the arguments after `bench`."""
+    folder = BENCHMARKS_DIR
     script = folder / "bench_train_step.py"
     if not script.is_file():
         raise MissingFileError(
             f"fastacl bench runs benchmarks/bench_train_step.py from a source checkout (the "
             f"published-style baseline it measures against lives there, not in the installed "
             f"package); not found at {script}. Install fastacl from a clone with "
-            "`pip install -e .` to use it"
+            "`pip install --no-build-isolation -e .` to use it"
         )
     sys.path.insert(0, str(folder))  # bench_train_step imports baseline_step beside it
     try:

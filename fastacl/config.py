@@ -350,7 +350,7 @@ def _check_positive_int(value: Any, name: str, minimum: int = 1, why: str = "") 
 def _check_budget(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ConfigError(f"{name} must be in (0, 1], got {value!r}: pixel values are in [0, 1]"
-                          + (f"; did you mean {value}/255?" if isinstance(value, (int, float))
+                          + (f"; did you mean {value:g}/255?" if isinstance(value, (int, float))
                              and 1 < value <= 255 else ""))
 
 

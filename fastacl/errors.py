@@ -23,3 +23,7 @@ class MissingFileError(FastaclError, FileNotFoundError):
 
 class RunDirError(FastaclError, FileExistsError):
     """The run directory cannot be used as asked (it already holds a run, or holds none)."""
+
+
+class BadFileError(FastaclError, ValueError):
+    """A file is there but is not what fastacl expected (corrupt, truncated, another format)."""

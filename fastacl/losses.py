@@ -1,7 +1,7 @@
 """nn.Module forms of the fastacl losses, built on fastacl.ops.
 
 NTXentLoss is a drop-in for lightly's NTXentLoss (same constructor names, forward(out0, out1)).
-ACLLoss is the whole objective of one ACL / DynACL / AIR training step (spec/acl-air.md section 5).
+ACLLoss is the whole objective of one ACL / DynACL / AIR training step (docs/acl-air.md section 5).
 """
 
 from __future__ import annotations
@@ -16,14 +16,28 @@ from fastacl.ops._checks import check_form, check_temperature
 
 
 class NTXentLoss(nn.Module):
-    """NT-Xent (SimCLR) loss of two views (spec section 4), as lightly's NTXentLoss computes it.
+    """NT-Xent (SimCLR) loss of two views (docs/acl-air.md section 4).
+
+    It computes what lightly's `NTXentLoss(temperature, memory_bank_size=0)` computes for one
+    process: the mean over the 2N anchors of -log softmax of the positive among the 2N - 1
+    other embeddings. Where it differs from lightly's:
+    - no memory bank (lightly's second argument, `memory_bank_size`, has no counterpart here);
+      every argument after `temperature` is keyword-only, so `NTXentLoss(0.5, 4096)` is an
+      error rather than a silent `gather_distributed=4096`;
+    - anchors under `gather_distributed=True`: lightly scores only each rank's own 2N anchors
+      against the gathered negatives and averages over them; here every rank gathers both
+      views of all W ranks and returns the loss of the whole global batch (the mean over all
+      2WN anchors, each row keeping its own positive). The all-gather's backward scales rank
+      r's rows by W, so DDP's average over ranks is exactly the single-process gradient of
+      the global batch (fastacl.distributed). The loss value each rank reports is therefore
+      the global one, not a per-rank one.
 
     Args:
         temperature: t > 0 dividing the cosine similarities.
         gather_distributed: gather the embeddings of every rank for cross-rank negatives.
     """
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False):
+    def __init__(self, temperature: float = 0.5, *, gather_distributed: bool = False):
         super().__init__()
         self.temperature = check_temperature("NTXentLoss", temperature)
         self.gather_distributed = gather_distributed
@@ -59,7 +73,7 @@ def _check_weight(name: str, value: float, low: float, high: float | None) -> fl
 
 
 class ACLLoss(nn.Module):
-    """The ACL / DynACL / AIR training objective (spec section 5):
+    """The ACL / DynACL / AIR training objective (docs/acl-air.md section 5):
 
         L = (1 - w) NTX(z1, z2) + (1 + w) NTX(z1_adv, z2_adv) + lambda1 SIR + lambda2 AIR
 

@@ -22,13 +22,13 @@ from benchmarks.baseline_step import (
     pgd_contrastive_published,
     sir_plain,
 )
+from fastacl import TrainConfig
 from fastacl.attacks import pgd_contrastive
 from fastacl.losses import ACLLoss
 from fastacl.models import build_model
 from fastacl.ops import air, nt_xent, sir
 from fastacl.optim import LARS
-from fastacl import TrainConfig
-from fastacl.pretrain import train_step
+from fastacl.pretrain import loss_for, train_step
 from tests.conftest import relative_error
 
 TOL = 1e-5
@@ -97,7 +97,7 @@ def test_baseline_step_matches_train_step():
     plain_model = copy.deepcopy(fast_model)
     fast_opt = LARS(fast_model.parameters(), lr=cfg.optim.lr)
     plain_opt = LARS(plain_model.parameters(), lr=cfg.optim.lr)
-    loss_fn = ACLLoss(0.0, cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.temperature, cfg.loss.air_form)
+    loss_fn = loss_for(cfg)
     fast = train_step(fast_model, loss_fn, fast_opt, x_orig, x1, x2, cfg,
                       torch.Generator().manual_seed(10))
     plain = baseline_step(plain_model, plain_opt, x_orig, x1, x2, cfg,

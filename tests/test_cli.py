@@ -17,3 +17,48 @@ def test_info_reports_extension_state():
     info = json.loads(out)
     assert info["extension"]["state"] in ("built", "jit")
     assert info["torch"]
+
+
+def test_bench_outside_a_source_checkout_says_what_it_needs(monkeypatch, tmp_path, capsys):
+    """An installed (non-editable) package has no benchmarks/ beside it: a clear error."""
+    from fastacl import cli
+
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path / "site-packages" / "benchmarks")
+    assert cli.main(["bench", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "source checkout" in err and "bench_train_step.py" in err and "pip install" in err
+
+
+def test_only_fastacl_errors_are_clean_exits(monkeypatch):
+    """Bad input is one sentence and exit 2; a bug (any other exception) keeps its traceback."""
+    import pytest
+
+    import fastacl
+    from fastacl import cli
+    from fastacl.errors import ConfigError
+
+    def bad_input(**options):
+        raise ConfigError("eps must be in (0, 1]")
+
+    def bug(**options):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(fastacl, "train", bad_input)
+    assert cli.main(["train"]) == 2
+    monkeypatch.setattr(fastacl, "train", bug)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        cli.main(["train"])
+
+
+def test_train_accepts_a_fraction_for_every_float_option(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastacl", "train", "--eps", "8", "--out-dir",
+         str(tmp_path / "run")], capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "did you mean 8/255" in result.stderr
+    assert not (tmp_path / "run").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "fastacl", "train", "--eps", "8/2x55"], capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "a fraction like 8/255" in result.stderr

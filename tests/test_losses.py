@@ -24,6 +24,15 @@ def test_ntxent_loss_is_nt_xent():
     assert max(relative_error(g, e) for g, e in zip(grads, expected_grads, strict=True)) <= 1e-6
 
 
+def test_ntxent_loss_takes_only_the_temperature_by_position():
+    """lightly's second positional argument is memory_bank_size; here it must not silently
+    become gather_distributed."""
+    assert NTXentLoss(0.3).temperature == 0.3
+    with pytest.raises(TypeError):
+        NTXentLoss(0.5, 4096)
+    assert NTXentLoss(0.5, gather_distributed=True).gather_distributed is True
+
+
 def test_ntxent_loss_rejects_a_bad_temperature():
     with pytest.raises(ValueError, match="temperature must be > 0, got 0.0"):
         NTXentLoss(temperature=0.0)
@@ -43,7 +52,8 @@ def test_acl_loss_is_the_spec_combination_of_reference_terms(weight_w, lambda1, 
     adversarial = nt_xent_reference(z1_adv, z2_adv, t)
     sir = sir_reference(z1, z2, z_orig, t, form)
     air = air_reference(z1, z2, z_orig, z1_adv, z2_adv, t, form)
-    # Spec section 5, not halved; a term whose lambda is 0 is not computed (z_orig gets no grad).
+    # docs/acl-air.md section 5, not halved; a term whose lambda is 0 is not computed (z_orig
+    # gets no grad).
     expected = (1 - weight_w) * natural + (1 + weight_w) * adversarial
     if lambda1:
         expected = expected + lambda1 * sir

@@ -11,14 +11,14 @@ import torch
 from torch._dynamo.utils import counters
 
 import fastacl
+from fastacl import TrainConfig
 from fastacl.attacks import pgd_contrastive
 from fastacl.cli import main as cli_main
 from fastacl.losses import ACLLoss
 from fastacl.models import build_model
 from fastacl.ops import nt_xent
 from fastacl.optim import LARS
-from fastacl import TrainConfig
-from fastacl.pretrain import compiled_for_attack, deterministic_mode, train_step
+from fastacl.pretrain import compiled_for_attack, deterministic_mode, loss_for, train_step
 from tests.conftest import relative_error
 from tests.test_train import TINY
 
@@ -47,7 +47,7 @@ def _views(device="cpu"):
 
 def _step(model, cfg, views, seed=10):
     optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
-    loss_fn = ACLLoss(0.0, cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.temperature, cfg.loss.air_form)
+    loss_fn = loss_for(cfg)
     generator = torch.Generator(views[0].device).manual_seed(seed)
     return train_step(model, loss_fn, optimizer, *views, cfg, generator)
 
@@ -141,7 +141,7 @@ def test_compiled_attack_is_captured_once_and_matches_eager():
     # (parameters updated in place in between): no recompilation.
     cfg = _cfg(compile=True)
     optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
-    loss_fn = ACLLoss(0.0, cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.temperature, cfg.loss.air_form)
+    loss_fn = loss_for(cfg)
     generator = torch.Generator().manual_seed(4)
     train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg, generator)
     graphs = counters["stats"]["unique_graphs"]

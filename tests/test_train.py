@@ -66,12 +66,12 @@ def test_options_round_trip_through_the_nested_config():
     assert TrainConfig.from_dict(cfg.options()) == cfg
 
 
-def test_dynaug_strength_and_w_follow_the_spec():
-    cfg = TrainConfig(method="dynacl", dataset="cifar10").resolve()
+def test_dynaug_strength_and_w_follow_the_papers():
+    cfg = TrainConfig.from_options(method="dynacl", dataset="cifar10").resolve()
     assert augmentation_strength(cfg, 1) == 1.0 and augmentation_strength(cfg, 50) == 1.0
     assert augmentation_strength(cfg, 51) == pytest.approx(0.95)
     assert augmentation_strength(cfg, 1000) == pytest.approx(0.05)
-    assert augmentation_strength(TrainConfig(dataset="cifar10").resolve(), 999) == 1.0
+    assert augmentation_strength(TrainConfig.from_options(dataset="cifar10").resolve(), 999) == 1.0
 
 
 @pytest.mark.parametrize(
@@ -80,8 +80,8 @@ def test_dynaug_strength_and_w_follow_the_spec():
         (dict(method="simclr"), "method must be one of cl, acl, acl-air, dynacl, dynacl-air"),
         (dict(dataset="imagenet"), "dataset must be one of cifar10"),
         (dict(preset="fast"), "preset must be one of demo, paper"),
-        (dict(batch_size=1), "batch_size must be >= 2"),
-        (dict(epochs=0), "epochs must be >= 1"),
+        (dict(batch_size=1), "batch_size must be an integer >= 2"),
+        (dict(epochs=0), "epochs must be an integer >= 1"),
         (dict(precision="fp16"), "precision must be"),
         # Checked before anything is written (these once failed only at the first step).
         (dict(eps=8), "eps must be in \\(0, 1\\].*8/255"),
@@ -260,7 +260,7 @@ def test_cli_flags_are_the_config_options():
     from fastacl.config import option_fields
 
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    flags = {action.dest for action in train_parser._actions} - {"help", "resume"}
+    flags = {action.dest for action in train_parser._actions} - {"help", "resume", "dry_run"}
     assert flags == set(option_fields())
 
 

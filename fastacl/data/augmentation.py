@@ -1,4 +1,4 @@
-"""The ACL / DynACL augmentation (spec/acl-air.md section 1) on a whole batch, on its device.
+"""The ACL / DynACL augmentation (docs/acl-air.md section 1) on a whole batch, on its device.
 
 Per view, in this order, with torchvision's semantics:
   1. RandomResizedCrop(size, scale=(1 - 0.9 s, 1), ratio=(3/4, 4/3))
@@ -81,7 +81,7 @@ _CPU_CHUNK_BYTES = 3 * 2**19
 
 
 # ----------------------------------------------------------------------------------------------
-# DynAug schedule (spec section 1)
+# DynAug schedule (docs/acl-air.md section 1)
 # ----------------------------------------------------------------------------------------------
 def dynaug_strength(epoch: int, epochs: int, period: int = 50) -> float:
     """DynACL's augmentation strength s(e) = 1 - floor((e - 1) / K) * K / E, for epoch e = 1..E.
@@ -93,7 +93,7 @@ def dynaug_strength(epoch: int, epochs: int, period: int = 50) -> float:
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not 1 <= epoch <= epochs:
-        raise ValueError(f"epoch must be in 1..{epochs} (1-based, as in the spec), got {epoch}")
+        raise ValueError(f"epoch must be in 1..{epochs} (1-based, as in the papers), got {epoch}")
     if period < 1:
         raise ValueError(f"period must be >= 1 epoch, got {period}; use dynaug_period(epochs)")
     # (E - floor((e - 1) / K) K) / E: the same value, one rounding (0.05, not 0.05000000000000004).
@@ -101,7 +101,8 @@ def dynaug_strength(epoch: int, epochs: int, period: int = 50) -> float:
 
 
 def dynaug_period(epochs: int) -> int:
-    """The DynAug period K for an E-epoch run: E / 20 (20 stages), at least 1 (spec section 5)."""
+    """The DynAug period K for an E-epoch run: E / 20 (20 stages), at least 1 (docs/acl-air.md
+    section 5)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     return max(1, int(epochs / 20 + 0.5))
@@ -226,7 +227,8 @@ def sample_augment_params(
     strength: float,
     generator: torch.Generator | None = None,
 ) -> AugmentParams:
-    """Draw the random parameters of `batch_size` views at strength s (spec section 1)."""
+    """Draw the random parameters of `batch_size` views at strength s (docs/acl-air.md
+    section 1)."""
     strength = _check_strength(strength)
     _check_generator(generator)
     top, left, height, width = sample_crop_boxes(
@@ -555,7 +557,8 @@ def augment(
     interpolation: str = "bicubic",
     size: int | tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """One random view per image of the batch x (spec section 1 at strength s), on x's device.
+    """One random view per image of the batch x (docs/acl-air.md section 1 at strength s), on x's
+    device.
 
     x: uint8 [B, C, H, W] or float in [0, 1] (CPU or CUDA); strength: s in (0, 1];
     generator: a CPU torch.Generator (None: torch's global one); interpolation: "bicubic" (the AIR

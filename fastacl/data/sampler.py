@@ -1,6 +1,6 @@
 """The training set resident on the device, batches drawn by index, views augmented there.
 
-The airbench way (STYLE.md): the uint8 images live in device memory (CIFAR-10 is 150 MB), an
+The airbench way (docs/design.md): the uint8 images live in device memory (CIFAR-10 is 150 MB), an
 epoch is a torch.Generator permutation, loading a batch is an index_select, and the two random
 views are made by `augment` on the device. No DataLoader workers, no PIL, no per-image Python.
 
@@ -189,7 +189,7 @@ class DeviceDataset:
         batch: an index batch from `batches` (the images are fetched) or the uint8 images that
         `iterate` / `fetch` returned. The two views are independent draws of `augment` at
         strength s, made in one batched call of 2B images; the originals are the images
-        unaugmented (x^o in the spec, needed by SIR / AIR).
+        unaugmented (x^o in docs/acl-air.md, needed by SIR / AIR).
         """
         images = batch if batch.dim() == 4 else self.fetch(batch)
         views = augment(

@@ -11,7 +11,7 @@ from fastacl.pretrain.loop import TrainResult, rank_views, train
 from fastacl.pretrain.schedule import augmentation_strength, is_selection_epoch
 from fastacl.pretrain.speed import compiled_for_attack, deterministic_mode
 from fastacl.pretrain.state import CHECKPOINT_NAME, stream_seed
-from fastacl.pretrain.step import acl_step, attack_model, cl_step, train_step
+from fastacl.pretrain.step import acl_step, attack_model, cl_step, loss_for, train_step
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -23,6 +23,7 @@ __all__ = [
     "compiled_for_attack",
     "deterministic_mode",
     "is_selection_epoch",
+    "loss_for",
     "rank_views",
     "stream_seed",
     "train",

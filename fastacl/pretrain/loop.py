@@ -39,7 +39,7 @@ from fastacl.optim import LARS
 from fastacl.pretrain import schedule, state
 from fastacl.pretrain.plot import plot_curves
 from fastacl.pretrain.speed import deterministic_mode
-from fastacl.pretrain.step import train_step
+from fastacl.pretrain.step import loss_for, train_step
 from fastacl.utils import atomic_write_text, progress, unwrap
 
 
@@ -188,11 +188,8 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None) -> _Run:
     o = cfg.optim
     optimizer = LARS(model.parameters(), lr=o.lr, momentum=o.momentum,
                      weight_decay=o.weight_decay, eta=o.lars_eta)
-    loss_fn = ACLLoss(weight_w=0.0, lambda1=cfg.loss.lambda1, lambda2=cfg.loss.lambda2,
-                      temperature=cfg.loss.temperature, form=cfg.loss.air_form,
-                      gather_distributed=cfg.distributed.gather_negatives)
-    run = _Run(cfg, out, model, optimizer, loss_fn, dataset, pool, validation, steps_per_epoch,
-               data_generator, attack_generator)
+    run = _Run(cfg, out, model, optimizer, loss_for(cfg), dataset, pool, validation,
+               steps_per_epoch, data_generator, attack_generator)
     if checkpoint is not None:
         _restore(run, checkpoint)
     elif run.main:

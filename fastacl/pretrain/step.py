@@ -69,6 +69,13 @@ def cl_step(model: nn.Module, x1: torch.Tensor, x2: torch.Tensor, cfg: TrainConf
                                  gather_distributed=cfg.distributed.gather_negatives)}
 
 
+def loss_for(cfg: TrainConfig) -> ACLLoss:
+    """The run's loss module; the loop sets DynACL's `weight_w` every epoch."""
+    return ACLLoss(weight_w=0.0, lambda1=cfg.loss.lambda1, lambda2=cfg.loss.lambda2,
+                   temperature=cfg.loss.temperature, form=cfg.loss.air_form,
+                   gather_distributed=cfg.distributed.gather_negatives)
+
+
 def attack_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     """The module the attack runs: the model without its DDP wrapper (no gradient all-reduce;
     this rank's negatives only), with its eval-mode BNs folded into the convolutions where it
