@@ -24,7 +24,7 @@ else:
         sources = sorted(glob.glob("csrc/*.cpp"))
         cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
         # csrc/cuda/ (kernels + the glue that registers the CUDA key) needs a CUDA torch: a CPU
-        # torch has no CUDA libraries for the glue to link against (see ARCHITECTURE.md).
+        # torch has no CUDA libraries for the glue to link against (see docs/design.md).
         if torch.version.cuda and CUDA_HOME and os.environ.get("FASTACL_NO_CUDA") != "1":
             sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
             extension = CUDAExtension(

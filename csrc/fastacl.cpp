@@ -2,8 +2,8 @@
 //
 // The schemas live here, once. CPU kernels are registered with TORCH_LIBRARY_IMPL(fastacl, CPU);
 // CUDA kernels are plain launchers in .cu files, registered only when built against a CUDA torch
-// (see ARCHITECTURE.md). abi_version lets Python check that the loaded binary matches the sources
-// it expects. The RCS ops (spec/rcs.md sections 2-3) are documented in fastacl/ops/rcs.py; their
+// (see docs/design.md). abi_version lets Python check that the loaded binary matches the sources
+// it expects. The RCS ops (docs/rcs.md sections 2-3) are documented in fastacl/ops/rcs.py; their
 // CPU kernels are in rcs.cpp, their CUDA kernels in cuda/.
 
 #include <Python.h>

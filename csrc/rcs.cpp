@@ -1,4 +1,4 @@
-// CPU kernels of the RCS ops (spec/rcs.md sections 2-3): fastacl::rcs_project and
+// CPU kernels of the RCS ops (docs/rcs.md sections 2-3): fastacl::rcs_project and
 // fastacl::greedy_pick. Schemas are in fastacl.cpp; the semantics are documented in
 // fastacl/ops/rcs.py, whose PyTorch reference is the oracle of these kernels.
 //

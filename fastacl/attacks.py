@@ -1,6 +1,7 @@
-"""Attacks: PGD on the contrastive loss (ACL's adversarial views, spec/acl-air.md section 3), PGD on
-cross-entropy (ALF training and PGD-20 evaluation), the TRADES inner maximisation (AFF), an
-AutoAttack adapter, and robust accuracy (spec section 8).
+"""Attacks: PGD on the contrastive loss (ACL's adversarial views, docs/acl-air.md section 3), PGD
+on cross-entropy (ALF training and PGD-20 evaluation), the TRADES inner maximisation (AFF), an
+AutoAttack adapter, and robust accuracy (docs/acl-air.md section 8): `robust_accuracy` is the one
+routine every evaluation (fastacl.evaluation's protocols and quick check) measures PGD-20 with.
 
 Every attack runs with the model in eval mode and its parameters frozen, and asks autograd for
 the gradient of the loss with respect to the input only: no weight gradient is computed, no
@@ -27,9 +28,15 @@ from torch import nn
 
 from fastacl.ops import nt_xent
 from fastacl.ops.pgd_step import check_budget
+from fastacl.utils import progress as progress_bar
+from fastacl.utils import unwrap
 
 # TRADES starts its inner maximisation at x + 0.001 N(0, 1) (Zhang et al. 2019, public code).
 TRADES_START_STD = 0.001
+# The published PGD-10 / TRADES / PGD-20 step is eps / 4: 2/255 at eps 8/255 (docs/acl-air.md
+# section 8).
+STEP_FRACTION = 1 / 4
+PGD20_STEPS = 20
 
 
 # ---- model calls -------------------------------------------------------------------------------
@@ -41,14 +48,7 @@ def _forward_takes_branch(module_type: type) -> bool:
 
 def _takes_branch(model: nn.Module) -> bool:
     """True for a dual-BN model: its forward (behind torch.compile / DDP wrappers) has `branch`."""
-    inner = model
-    while True:
-        if hasattr(inner, "_orig_mod"):  # torch.compile's OptimizedModule
-            inner = inner._orig_mod
-        elif isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = inner.module
-        else:
-            return _forward_takes_branch(type(inner))
+    return _forward_takes_branch(type(unwrap(model)))
 
 
 def _check_autocast(op: str, dtype: torch.dtype | None) -> None:
@@ -188,8 +188,8 @@ def pgd_contrastive(
     """Adversarial views for ACL: l_inf PGD maximising NT-Xent over both views jointly.
 
     loss = nt_xent(h(x1_adv), h(x2_adv), temperature), h = the model's output (the projection);
-    both views go through the model as one batch of 2N images. Defaults are the spec's
-    (eps 8/255, step 2/255, 5 steps, uniform random start).
+    both views go through the model as one batch of 2N images. Defaults are the published ones
+    (eps 8/255, step 2/255, 5 steps, uniform random start; docs/acl-air.md section 3).
 
     Args:
         model: the encoder with its projection head; called with branch= if it is dual-BN.
@@ -239,7 +239,7 @@ def pgd(
 ) -> torch.Tensor:
     """l_inf PGD on cross-entropy (ALF's training examples, PGD-20 evaluation); returns x_adv.
 
-    The defaults are PGD-20 of spec section 8 (eps 8/255, step 2/255, random start).
+    The defaults are PGD-20 of docs/acl-air.md section 8 (eps 8/255, step 2/255, random start).
     """
     op = "pgd"
     _check_images(op, x=x)
@@ -275,8 +275,8 @@ def trades_perturb(
 
     Starts at x + 0.001 N(0, 1) (kept inside the eps-ball; clipped to [0, 1] unless
     clip_random_start=False). For dual-BN models the natural prediction p(x) goes through
-    `natural_branch` and the adversarial one through `branch` (spec section 8, AFF).
-    The defaults are the spec's AFF inner maximisation (10 steps of 2/255, eps 8/255).
+    `natural_branch` and the adversarial one through `branch` (docs/acl-air.md section 8, AFF).
+    The defaults are the published AFF inner maximisation (10 steps of 2/255, eps 8/255).
     """
     op = "trades_perturb"
     _check_images(op, x=x)
@@ -303,7 +303,8 @@ def trades_perturb(
 
 def is_robust(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
               branch: str = "adv") -> torch.Tensor:
-    """Bool [N]: correct on the clean point AND on its adversarial version (spec section 8).
+    """Bool [N]: correct on the clean point AND on its adversarial version (docs/acl-air.md
+    section 8).
 
     A point the model already gets wrong is never counted robust, so robust <= clean.
     """
@@ -408,27 +409,37 @@ def robust_accuracy(
     attack: str | Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = "pgd20",
     eps: float = 8 / 255,
     batch_size: int = 256,
-    branch: str = "adv",
+    branch: str | None = "adv",
     generator: torch.Generator | None = None,
+    progress: bool | None = False,
 ) -> float:
-    """Fraction of points correct both clean and under `attack` (spec section 8).
+    """Fraction of points correct both clean and under `attack` (docs/acl-air.md section 8).
 
-    attack: "pgd20" (20 steps of eps / 4 from a random start: 2/255 at the spec's 8/255),
-    "autoattack" (standard, seed 0), or a callable (model, x, y) -> x_adv.
+    attack: "pgd20" (20 steps of eps / 4 from a uniform random start drawn from `generator`, on
+    the images' device, or the global RNG: 2/255 at the published 8/255), "autoattack"
+    (standard, seed 0, in one run), or a callable (model, x, y) -> x_adv; the per-batch attacks
+    run in chunks of `batch_size`. x: clean images, float in [0, 1] or uint8 (each chunk is
+    divided by 255 as it is attacked). progress: a display of the chunks attacked (see
+    fastacl.utils.progress).
     """
     if attack == "autoattack":
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
         result = autoattack(model, x, y, eps=eps, batch_size=batch_size, branch=branch)
         return result.robust_accuracy
+    name = attack if isinstance(attack, str) else getattr(attack, "__name__", "attack")
     if attack == "pgd20":
         def attack(model, x, y):
-            return pgd(model, x, y, eps=eps, step_size=eps / 4, steps=20, branch=branch,
-                       generator=generator)
+            return pgd(model, x, y, eps=eps, step_size=eps * STEP_FRACTION, steps=PGD20_STEPS,
+                       random_start=True, branch=branch, generator=generator)
     elif not callable(attack):
         raise ValueError(
             f"robust_accuracy: attack must be 'pgd20', 'autoattack' or a callable, got {attack!r}"
         )
-    robust = [
-        is_robust(model, xb, yb, attack(model, xb, yb), branch)
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
-    ]
+    robust = []
+    bar = progress_bar(y.shape[0], "PGD-20" if name == "pgd20" else name, progress, unit="img")
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        xb = xb.float() / 255 if xb.dtype == torch.uint8 else xb
+        robust.append(is_robust(model, xb, yb, attack(model, xb, yb), branch))
+        bar.update(yb.shape[0])
+    bar.close()
     return torch.cat(robust).float().mean().item()

@@ -395,12 +395,13 @@ def _check_optim(cfg: TrainConfig) -> None:
     _check_positive_int(o.warmup_epochs, "warmup_epochs", minimum=0)
     if o.warmup_epochs > o.epochs:
         raise ConfigError(f"warmup_epochs must be <= epochs = {o.epochs}, got {o.warmup_epochs}")
-    if not (o.lr > 0 and o.weight_decay >= 0 and 0 <= o.momentum < 1 and o.lars_eta > 0
-            and 0 <= o.min_lr <= o.lr):
-        raise ConfigError(
-            f"need lr > 0, weight_decay >= 0, momentum in [0, 1), lars_eta > 0 and min_lr in "
-            f"[0, lr]; got lr={o.lr}, weight_decay={o.weight_decay}, momentum={o.momentum}, "
-            f"lars_eta={o.lars_eta}, min_lr={o.min_lr}")
+    for name, valid, rule in (("lr", o.lr > 0, "> 0"),
+                              ("weight_decay", o.weight_decay >= 0, ">= 0"),
+                              ("momentum", 0 <= o.momentum < 1, "in [0, 1)"),
+                              ("lars_eta", o.lars_eta > 0, "> 0"),
+                              ("min_lr", 0 <= o.min_lr <= o.lr, f"in [0, lr = {o.lr}]")):
+        if not valid:
+            raise ConfigError(f"{name} must be {rule}, got {getattr(o, name)!r}")
 
 
 def _check_speed(cfg: TrainConfig) -> None:

@@ -1,6 +1,6 @@
 """fastacl.coreset: robustness-aware coreset selection (RCS) and the random-subset baseline.
 
-Spec: spec/rcs.md. One selection round (`select_coreset`, spec section 3):
+Spec: docs/rcs.md. One selection round (`select_coreset`, docs/rcs.md section 3):
 
 1. One pass over the candidate pool in shuffled, augmented minibatches of the training batch
    size: adversarial views by PGD on the contrastive loss, then the selection loss (the plain
@@ -10,7 +10,7 @@ Spec: spec/rcs.md. One selection round (`select_coreset`, spec section 3):
    respect to their outputs, so that per layer row i contributes Delta_i (outer) H_i. Each
    element's projected gradient r_e is `fastacl.ops.rcs_project` of its rows ("rowmean").
    - granularity "sample": the element is one image; its gradient is the sum of its 4 rows (both
-     views, natural and adversarial) times the minibatch size (spec section 2).
+     views, natural and adversarial) times the minibatch size (docs/rcs.md section 2).
    - granularity "batch": the element is one minibatch; its gradient is the minibatch gradient.
 2. v = the projected gradient of RD(U; phi) (the representational divergence on the validation
    set U, one mean over all its elements) with the same projection.
@@ -45,17 +45,22 @@ baseline included. The random baseline (`random_coreset`) draws exactly round(k 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from fastacl.attacks import _ascend, _forward, _uniform_start, frozen_eval, pgd_contrastive
+from fastacl.errors import ConfigError
 from fastacl.models.dual_bn import bn_branch
 from fastacl.models.folded import can_fold, folded_for_attack
 from fastacl.ops import greedy_pick, nt_xent, rcs_project
+from fastacl.utils import check_choice
 
 __all__ = [
     "BUDGET_ROUNDINGS",
@@ -77,14 +82,14 @@ REFRESHES = ("exact", "cached")
 DIVERGENCES = ("minmax-kl", "softmax-kl")
 BUDGET_ROUNDINGS = ("truncate", "floor")
 
-# spec/rcs.md section 1: U is 1% of the training split (0.5% on ImageNet); at least a handful of
+# docs/rcs.md section 1: U is 1% of the training split (0.5% on ImageNet); at least a handful of
 # images so that RD is not the divergence of a single one.
 VALIDATION_FRACTION = 0.01
 VALIDATION_MIN_SIZE = 8
-# spec/rcs.md section 1: the RD attack is 3 steps of (10/255)/3 at eps 8/255, i.e. 1.25 eps / 3.
+# docs/rcs.md section 1: the RD attack is 3 steps of (10/255)/3 at eps 8/255, i.e. 1.25 eps / 3.
 RD_STEPS = 3
 RD_STEP_RATIO = 1.25 / 3
-# Spec sections 1 and 2: constants of the min-max normalisation and of the KL.
+# docs/rcs.md sections 1 and 2: constants of the min-max normalisation and of the KL.
 _MINMAX_EPS = 1e-12
 _KL_EPS = 1e-8
 
@@ -94,7 +99,7 @@ _KL_EPS = 1e-8
 def _check_fraction(op: str, fraction: float) -> float:
     fraction = float(fraction)
     if not 0.0 < fraction < 1.0:  # also rejects NaN
-        raise ValueError(
+        raise ConfigError(
             f"{op}: fraction must be in (0, 1) (the share of the pool to keep), got {fraction}"
         )
     return fraction
@@ -105,7 +110,7 @@ def coreset_budget(fraction: float, pool_size: int) -> int:
     fraction = _check_fraction("coreset_budget", fraction)
     budget = math.floor(fraction * pool_size + 0.5)
     if budget < 1:
-        raise ValueError(
+        raise ConfigError(
             f"coreset_budget: fraction {fraction} of a pool of {pool_size} images rounds to "
             f"{budget} images: choose a fraction >= {0.5 / max(pool_size, 1):.3g}"
         )
@@ -122,10 +127,10 @@ def validation_split(num_images: int, fraction: float = VALIDATION_FRACTION, see
     """
     fraction = float(fraction)
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"validation_split: fraction must be in [0, 1), got {fraction}")
+        raise ConfigError(f"validation_split: fraction must be in [0, 1), got {fraction}")
     size = 0 if fraction == 0 else max(int(min_size), math.floor(fraction * num_images + 0.5))
     if size >= num_images:
-        raise ValueError(
+        raise ConfigError(
             f"validation_split: the validation set U ({size} images: max({min_size}, "
             f"{fraction} x {num_images})) is not smaller than the {num_images} training images; "
             "use more images or a smaller fraction"
@@ -148,12 +153,12 @@ def random_coreset(pool: torch.Tensor, fraction: float,
 def head_linear_layers(model: nn.Module) -> list[nn.Linear]:
     """The Linear layers of `model.head` in order (fc1, fc2, fc3 for the ACL head).
 
-    RCS differentiates only these (spec section 2) and needs `model.backbone` to compute the
+    RCS differentiates only these (docs/rcs.md section 2) and needs `model.backbone` to compute the
     frozen features once: a model without both is refused.
     """
     head, backbone = getattr(model, "head", None), getattr(model, "backbone", None)
     if not isinstance(head, nn.Module) or not isinstance(backbone, nn.Module):
-        raise ValueError(
+        raise ConfigError(
             f"RCS needs a model with a `backbone` (the encoder f) and a `head` (the projection "
             f"head g, holding nn.Linear layers), as fastacl.models builds; got "
             f"{type(model).__name__} with backbone={type(backbone).__name__}, "
@@ -161,7 +166,7 @@ def head_linear_layers(model: nn.Module) -> list[nn.Linear]:
         )
     layers = [m for m in head.modules() if isinstance(m, nn.Linear)]
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"RCS needs a projection head with nn.Linear layers (their gradients are what it "
             f"projects), but {type(model).__name__}.head ({type(head).__name__}) has none"
         )
@@ -243,21 +248,20 @@ def _minmax(z: torch.Tensor) -> torch.Tensor:
 
 def representational_divergence(z_adv: torch.Tensor, z_nat: torch.Tensor,
                                 divergence: str = "minmax-kl") -> torch.Tensor:
-    """d(h(x~), h(x)) averaged over all N x d elements (spec/rcs.md section 1).
+    """d(h(x~), h(x)) averaged over all N x d elements (docs/rcs.md section 1).
 
     "minmax-kl": q = n(z_adv) + 1e-8, p = n(z_nat) + 1e-8 with each row min-max normalised to
     [0, 1]; mean of q (log q - log p). "softmax-kl": KL(softmax z_nat || softmax z_adv),
     element-averaged.
     """
+    check_choice("divergence", divergence, DIVERGENCES)
     if divergence == "minmax-kl":
         q = _minmax(z_adv) + _KL_EPS
         p = _minmax(z_nat) + _KL_EPS
         return (q * (q.log() - p.log())).mean()
-    if divergence == "softmax-kl":
-        log_p = torch.log_softmax(z_nat, dim=1)
-        log_q = torch.log_softmax(z_adv, dim=1)
-        return (log_p.exp() * (log_p - log_q)).mean()
-    raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    log_p = torch.log_softmax(z_nat, dim=1)  # "softmax-kl"
+    log_q = torch.log_softmax(z_adv, dim=1)
+    return (log_p.exp() * (log_p - log_q)).mean()
 
 
 def rd_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float | None = None,
@@ -265,9 +269,10 @@ def rd_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float | 
               generator: torch.Generator | None = None, batch_size: int = 512,
               fold_bn: bool = True) -> torch.Tensor:
     """x~ = argmax over the l_inf eps-ball of d(h(x', "adv"), h(x, "normal")), by PGD from a
-    uniform start (spec section 1); step_size defaults to 1.25 eps / 3. d is separable over the
-    images, so the attack runs in chunks of batch_size. fold_bn: run fastacl's ResNet-18 through
-    its folded eval-mode mirrors (same function, no BN kernels). Returns x~ (detached)."""
+    uniform start (docs/rcs.md section 1); step_size defaults to 1.25 eps / 3. d is separable
+    over the images, so the attack runs in chunks of batch_size. fold_bn: run fastacl's
+    ResNet-18 through its folded eval-mode mirrors (same function, no BN kernels). Returns x~
+    (detached)."""
     step_size = RD_STEP_RATIO * eps if step_size is None else step_size
     natural, adversarial = (_on_branch(model, branch, fold_bn) for branch in ("normal", "adv"))
     out = []
@@ -309,108 +314,6 @@ class CoresetSelection:
     details: dict = field(default_factory=dict)
 
 
-def _minibatches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    chunks = list(order.split(batch_size))
-    if len(chunks) > 1 and chunks[-1].numel() < 2:  # NT-Xent needs two images
-        chunks[-2:] = [torch.cat(chunks[-2:])]
-    return chunks
-
-
-@dataclass
-class _Candidates:
-    """The pass over the pool: per element its projection r_e, its image indices, and its rows
-    of the (H, Delta) pairs (element-major) with the factor that makes them its gradient."""
-
-    elements: list[torch.Tensor]
-    projections: torch.Tensor  # R [E, D]
-    inputs: list[torch.Tensor]  # H_l [rows, in_l]
-    grad_outputs: list[torch.Tensor]  # Delta_l [rows, out_l]
-    offsets: list[int]  # element e owns rows offsets[e]:offsets[e + 1]
-    scales: list[float]
-
-
-def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
-                         step_size, attack_steps, temperature, strength, interpolation,
-                         generator, attack_generator, autocast_dtype=None,
-                         fold_bn=True) -> _Candidates:
-    order = pool[torch.randperm(pool.numel(), generator=generator)]
-    elements, projections, offsets, scales = [], [], [0], []
-    inputs = [[] for _ in layers]
-    grad_outputs = [[] for _ in layers]
-
-    def selection_loss(z_adv, z_nat):  # spec section 3: the plain ACL loss, mean of the two
-        n = z_adv.shape[0] // 2
-        return 0.5 * (nt_xent(z_nat[:n], z_nat[n:], temperature)
-                      + nt_xent(z_adv[:n], z_adv[n:], temperature))
-
-    # The backbone and phi0 do not change during the pass: the mirrors are refreshed once.
-    attacked = _on_branch(model, "adv", fold_bn)
-    encoder_adv, encoder_nat = (_encoder(model, branch, fold_bn) for branch in ("adv", "normal"))
-    for index in _minibatches(order, batch_size):
-        b = index.numel()
-        x1, x2, _ = dataset.views(index, strength, generator, interpolation)
-        x1_adv, x2_adv = pgd_contrastive(attacked, x1, x2, eps=eps, step_size=step_size,
-                                         steps=attack_steps, generator=attack_generator,
-                                         temperature=temperature, autocast_dtype=autocast_dtype)
-        f_adv = _features(encoder_adv, torch.cat([x1_adv, x2_adv]), 2 * b, autocast_dtype)
-        f_nat = _features(encoder_nat, torch.cat([x1, x2]), 2 * b, autocast_dtype)
-        _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")],
-                                  selection_loss)
-        # Rows come as [view 1 adv, view 2 adv, view 1, view 2] x b: make each image's 4 rows
-        # contiguous, so that an element (image or minibatch) owns one block of rows.
-        h = [t.view(4, b, -1).transpose(0, 1).reshape(4 * b, -1) for t in h]
-        delta = [t.view(4, b, -1).transpose(0, 1).reshape(4 * b, -1) for t in delta]
-        if granularity == "sample":
-            segments = torch.arange(b, device=h[0].device).repeat_interleave(4)
-            r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=b)
-            # The sample's gradient is on the scale of a one-sample loss (spec section 2).
-            projections.append(r * b)
-            elements.extend(index.cpu().split(1))
-            scales.extend([float(b)] * b)
-            base = offsets[-1]
-            offsets.extend(base + 4 * (i + 1) for i in range(b))
-        else:
-            segments = torch.zeros(4 * b, dtype=torch.int64, device=h[0].device)
-            projections.append(rcs_project(h, delta, "rowmean", bias, segment_ids=segments,
-                                           num_segments=1))
-            elements.append(index.cpu())
-            scales.append(1.0)
-            offsets.append(offsets[-1] + 4 * b)
-        for layer in range(len(layers)):
-            inputs[layer].append(h[layer])
-            grad_outputs[layer].append(delta[layer])
-    return _Candidates(elements, torch.cat(projections), [torch.cat(t) for t in inputs],
-                       [torch.cat(t) for t in grad_outputs], offsets, scales)
-
-
-def _element_gradient(candidates: _Candidates, element: int, bias):
-    """G_e per layer as (weight gradient [out, in], bias gradient [out] or None), from its rows."""
-    rows = slice(candidates.offsets[element], candidates.offsets[element + 1])
-    scale = candidates.scales[element]
-    grads = []
-    for h, delta, has_bias in zip(candidates.inputs, candidates.grad_outputs, bias, strict=True):
-        d = delta[rows] * scale
-        grads.append((d.T @ h[rows], d.sum(dim=0) if has_bias else None))
-    return grads
-
-
-def _validation_projection(model, layers, bias, f_adv, f_nat, divergence) -> torch.Tensor:
-    """v: the projected gradient of RD(U) with respect to the head, from U's frozen features."""
-    def rd(z_adv, z_nat):
-        return representational_divergence(z_adv, z_nat, divergence)
-
-    _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")], rd)
-    segments = torch.zeros(h[0].shape[0], dtype=torch.int64, device=h[0].device)
-    return rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=1)[0]
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"select_coreset: {name} must be one of {', '.join(choices)}, "
-                         f"got {value!r}")
-    return value
-
-
 def select_coreset(
     model: nn.Module,
     dataset,
@@ -439,7 +342,7 @@ def select_coreset(
     autocast_dtype: torch.dtype | None = None,
     fold_bn: bool = True,
 ) -> CoresetSelection:
-    """One RCS selection round (spec/rcs.md section 3; the module docstring states the choices).
+    """One RCS selection round (docs/rcs.md section 3; the module docstring states the choices).
 
     Args:
         model: the dual-BN contrastive model (`backbone` + `head` with nn.Linear layers); left
@@ -472,109 +375,301 @@ def select_coreset(
             without the BN kernels. Only fastacl's ResNet-18 folds; other models run as they are.
     """
     start_time = time.perf_counter()
-    op = "select_coreset"
-    _check_choice("granularity", granularity, GRANULARITIES)
-    _check_choice("refresh", refresh, REFRESHES)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("budget_rounding", budget_rounding, BUDGET_ROUNDINGS)
-    if int(refresh_every) < 1:
-        raise ValueError(f"{op}: refresh_every must be >= 1 pick, got {refresh_every}")
-    if int(simulated_steps) < 0 or not float(simulated_lr) >= 0:
-        raise ValueError(f"{op}: simulated_lr and simulated_steps must be >= 0, got "
-                         f"{simulated_lr} and {simulated_steps}")
-    if batch_size < 2:
-        raise ValueError(f"{op}: batch_size must be >= 2 (NT-Xent needs negatives), got "
-                         f"{batch_size}")
+    _check_round_options(granularity=granularity, refresh=refresh, divergence=divergence,
+                         budget_rounding=budget_rounding, refresh_every=refresh_every,
+                         simulated_lr=simulated_lr, simulated_steps=simulated_steps,
+                         batch_size=batch_size)
     layers = head_linear_layers(model)
     bias = [layer.bias is not None for layer in layers]
+    pool, validation = _checked_split(pool, validation)
+    budget = coreset_budget(fraction, pool.numel())
+    max_picks = (_floored_picks(budget, batch_size)
+                 if budget_rounding == "floor" and granularity == "batch" else None)
+
+    with frozen_eval(model), _head_restored(layers):
+        candidates = _candidate_gradients(
+            model, layers, bias, dataset, pool, batch_size=batch_size, granularity=granularity,
+            eps=eps, step_size=step_size, attack_steps=attack_steps, temperature=temperature,
+            strength=strength, interpolation=interpolation, generator=generator,
+            attack_generator=attack_generator, autocast_dtype=autocast_dtype, fold_bn=fold_bn,
+        )
+        pass_seconds = time.perf_counter() - start_time
+        rd = _ValidationGradient(
+            model, layers, bias, dataset.fetch(validation).to(torch.float32) / 255.0, eps=eps,
+            step_size=rd_step_size, steps=rd_steps, divergence=divergence,
+            generator=attack_generator, batch_size=batch_size, fold_bn=fold_bn,
+        )
+        v = rd.projection()
+        initial_gains = (candidates.projections @ v).cpu()
+        picks, chosen = _greedy(candidates, rd, v, layers, bias, budget=budget,
+                                max_picks=max_picks, simulated_lr=simulated_lr,
+                                simulated_steps=simulated_steps,
+                                reattack_every=1 if refresh == "exact" else int(refresh_every))
+    return CoresetSelection(
+        indices=torch.cat(chosen), elements=candidates.elements, picks=picks,
+        initial_gains=initial_gains, budget=budget, seconds=time.perf_counter() - start_time,
+        details={"granularity": granularity, "refresh": refresh, "divergence": divergence,
+                 "validation_attacks": rd.attacks, "pass_seconds": pass_seconds,
+                 "elements": len(candidates.elements)},
+    )
+
+
+def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, layers, bias, *,
+            budget: int, max_picks: int | None, simulated_lr: float, simulated_steps: int,
+            reattack_every: int) -> tuple[list[int], list[torch.Tensor]]:
+    """The greedy loop (docs/rcs.md section 3, step 3) from v at phi0: (picks, their images).
+
+    Pick e* = argmax over unpicked elements of <r_e, v>; unless it was the last pick, simulate
+    phi <- phi - eta' G_e* and refresh v at the new phi (re-attacking U every `reattack_every`
+    picks). The last pick is truncated to the budget, unless `max_picks` (the published flooring
+    to whole minibatches) ends the round first.
+    """
+    taken = torch.zeros(len(candidates.elements), dtype=torch.bool,
+                        device=candidates.projections.device)
+    picks, chosen, count = [], [], 0
+    while count < budget and (max_picks is None or len(picks) < max_picks):
+        element = int(greedy_pick(candidates.projections, v, taken))
+        if element < 0:  # cannot happen: the pool holds more than the budget
+            break
+        picks.append(element)
+        images = candidates.elements[element]
+        if max_picks is None:
+            images = images[: budget - count]  # truncate the last pick to the budget
+        chosen.append(images)
+        count += images.numel()
+        if count >= budget or len(picks) == max_picks:
+            break  # the last pick: no simulated step
+        _simulated_step(layers, _element_gradient(candidates, element, bias), simulated_lr,
+                        simulated_steps)
+        if len(picks) % reattack_every == 0:
+            rd.reattack()
+        v = rd.projection()
+    return picks, chosen
+
+
+# ---- the round's arguments and the head it changes -----------------------------------------------
+
+def _check_round_options(*, granularity, refresh, divergence, budget_rounding, refresh_every,
+                         simulated_lr, simulated_steps, batch_size) -> None:
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("refresh", refresh, REFRESHES)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("budget_rounding", budget_rounding, BUDGET_ROUNDINGS)
+    if int(refresh_every) < 1:
+        raise ConfigError(f"select_coreset: refresh_every must be >= 1 pick, got {refresh_every}")
+    if int(simulated_steps) < 0 or not float(simulated_lr) >= 0:
+        raise ConfigError(f"select_coreset: simulated_lr and simulated_steps must be >= 0, got "
+                          f"{simulated_lr} and {simulated_steps}")
+    if batch_size < 2:
+        raise ConfigError(f"select_coreset: batch_size must be >= 2 (NT-Xent needs negatives), "
+                          f"got {batch_size}")
+
+
+def _checked_split(pool: torch.Tensor,
+                   validation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pool and U as CPU int64 indices, refused unless U is non-empty, disjoint from the pool and
+    smaller than it, and the pool holds at least two images."""
     pool = pool.detach().cpu().long()
     validation = validation.detach().cpu().long()
+    op = "select_coreset"
     if validation.numel() < 1:
-        raise ValueError(f"{op}: the validation set U is empty; RD needs at least one image")
+        raise ConfigError(f"{op}: the validation set U is empty; RD needs at least one image")
     if validation.numel() >= pool.numel():
-        raise ValueError(
+        raise ConfigError(
             f"{op}: the validation set U ({validation.numel()} images) is not smaller than the "
             f"pool ({pool.numel()} images)"
         )
     if torch.isin(validation, pool).any():
-        raise ValueError(f"{op}: the validation set U and the pool share images: U must be "
-                         "carved out of the training set (see validation_split)")
+        raise ConfigError(f"{op}: the validation set U and the pool share images: U must be "
+                          "carved out of the training set (see validation_split)")
     if pool.numel() < 2:
-        raise ValueError(f"{op}: the pool needs at least 2 images (NT-Xent), got {pool.numel()}")
-    budget = coreset_budget(fraction, pool.numel())
-    max_picks = None
-    if budget_rounding == "floor" and granularity == "batch":
-        max_picks = budget // batch_size
-        if max_picks < 1:
-            raise ValueError(f"{op}: budget_rounding='floor' keeps budget // batch_size = "
-                             f"{budget} // {batch_size} = 0 minibatches")
+        raise ConfigError(f"{op}: the pool needs at least 2 images (NT-Xent), got "
+                          f"{pool.numel()}")
+    return pool, validation
 
+
+def _floored_picks(budget: int, batch_size: int) -> int:
+    """budget_rounding "floor" at batch granularity: budget // B whole minibatches."""
+    if budget // batch_size < 1:
+        raise ConfigError(f"select_coreset: budget_rounding='floor' keeps budget // batch_size = "
+                          f"{budget} // {batch_size} = 0 minibatches")
+    return budget // batch_size
+
+
+@contextlib.contextmanager
+def _head_restored(layers: list[nn.Linear]) -> Iterator[None]:
+    """Inside the block the head may change (the simulated steps); phi0 comes back exactly after
+    it, also on an exception."""
     parameters = [p for layer in layers for p in layer.parameters()]
     phi0 = [p.detach().clone() for p in parameters]
-    device = parameters[0].device
-    with frozen_eval(model):
-        try:
-            candidates = _candidate_gradients(
-                model, layers, bias, dataset, pool, batch_size=batch_size,
-                granularity=granularity, eps=eps, step_size=step_size,
-                attack_steps=attack_steps, temperature=temperature, strength=strength,
-                interpolation=interpolation, generator=generator,
-                attack_generator=attack_generator, autocast_dtype=autocast_dtype,
-                fold_bn=fold_bn,
-            )
-            pass_seconds = time.perf_counter() - start_time
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(parameters, phi0, strict=True):
+                p.copy_(saved)
 
-            x_u = dataset.fetch(validation).to(torch.float32) / 255.0
-            f_nat = _features(_encoder(model, "normal", fold_bn), x_u, batch_size)
-            # The simulated steps change the head only: the backbone's features stay valid.
-            encoder_adv = _encoder(model, "adv", fold_bn)
 
-            def attack_validation():
-                x_adv = rd_attack(model, x_u, eps, rd_step_size, rd_steps, divergence,
-                                  attack_generator, batch_size, fold_bn)
-                return _features(encoder_adv, x_adv, batch_size)
+@torch.no_grad()
+def _simulated_step(layers: list[nn.Linear], gradient, lr: float, steps: int) -> None:
+    """phi <- phi - eta' G_e, applied `steps` times (G_e at phi0, as published)."""
+    for layer, (g_w, g_b) in zip(layers, gradient, strict=True):
+        for _ in range(int(steps)):
+            layer.weight.sub_(lr * g_w)
+            if g_b is not None:
+                layer.bias.sub_(lr * g_b)
 
-            f_adv = attack_validation()
-            v = _validation_projection(model, layers, bias, f_adv, f_nat, divergence)
-            initial_gains = (candidates.projections @ v).cpu()
 
-            taken = torch.zeros(len(candidates.elements), dtype=torch.bool, device=device)
-            picks, chosen, count, attacks = [], [], 0, 1
-            every = 1 if refresh == "exact" else int(refresh_every)
-            while count < budget and (max_picks is None or len(picks) < max_picks):
-                element = int(greedy_pick(candidates.projections, v, taken))
-                if element < 0:  # cannot happen: the pool holds more than the budget
-                    break
-                picks.append(element)
-                images = candidates.elements[element]
-                if max_picks is None:
-                    images = images[: budget - count]  # truncate the last pick to the budget
-                chosen.append(images)
-                count += images.numel()
-                if count >= budget or (max_picks is not None and len(picks) == max_picks):
-                    break  # the last pick: no simulated step
-                # The simulated step phi <- phi - eta' G_e (G_e at phi0, as published).
-                with torch.no_grad():
-                    for layer, (g_w, g_b) in zip(
-                        layers, _element_gradient(candidates, element, bias), strict=True
-                    ):
-                        for _ in range(int(simulated_steps)):
-                            layer.weight.sub_(simulated_lr * g_w)
-                            if g_b is not None:
-                                layer.bias.sub_(simulated_lr * g_b)
-                if len(picks) % every == 0:
-                    f_adv = attack_validation()
-                    attacks += 1
-                v = _validation_projection(model, layers, bias, f_adv, f_nat, divergence)
-        finally:
-            with torch.no_grad():
-                for p, saved in zip(parameters, phi0, strict=True):
-                    p.copy_(saved)
-    indices = torch.cat(chosen)
-    return CoresetSelection(
-        indices=indices, elements=candidates.elements, picks=picks,
-        initial_gains=initial_gains, budget=budget, seconds=time.perf_counter() - start_time,
-        details={"granularity": granularity, "refresh": refresh, "divergence": divergence,
-                 "validation_attacks": attacks, "pass_seconds": pass_seconds,
-                 "elements": len(candidates.elements)},
-    )
+# ---- step 1: the candidates' gradients -----------------------------------------------------------
+
+def _minibatches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and chunks[-1].numel() < 2:  # NT-Xent needs two images
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    return chunks
+
+
+@dataclass
+class _Candidates:
+    """The pass over the pool: per element its projection r_e, its image indices, and its rows
+    of the (H, Delta) pairs (element-major) with the factor that makes them its gradient."""
+
+    elements: list[torch.Tensor]
+    projections: torch.Tensor  # R [E, D]
+    inputs: list[torch.Tensor]  # H_l [rows, in_l]
+    grad_outputs: list[torch.Tensor]  # Delta_l [rows, out_l]
+    offsets: list[int]  # element e owns rows offsets[e]:offsets[e + 1]
+    scales: list[float]
+
+    @staticmethod
+    def concatenate(parts: list[_Candidates]) -> _Candidates:
+        """The candidates of several minibatches, in order, as one."""
+        offsets = [0]
+        for part in parts:
+            base = offsets[-1]
+            offsets.extend(base + offset for offset in part.offsets[1:])
+        return _Candidates(
+            elements=[element for part in parts for element in part.elements],
+            projections=torch.cat([part.projections for part in parts]),
+            inputs=[torch.cat(rows) for rows in zip(*(p.inputs for p in parts), strict=True)],
+            grad_outputs=[torch.cat(rows)
+                          for rows in zip(*(p.grad_outputs for p in parts), strict=True)],
+            offsets=offsets,
+            scales=[scale for part in parts for scale in part.scales],
+        )
+
+
+def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
+                         step_size, attack_steps, temperature, strength, interpolation,
+                         generator, attack_generator, autocast_dtype=None,
+                         fold_bn=True) -> _Candidates:
+    """Step 1 of the round: one pass over the shuffled pool in augmented minibatches, the
+    adversarial views by PGD, and each element's (H, Delta) rows and projection r_e at phi0."""
+    order = pool[torch.randperm(pool.numel(), generator=generator)]
+    loss = functools.partial(_selection_loss, temperature=temperature)
+    # The backbone and phi0 do not change during the pass: the mirrors are refreshed once.
+    attacked = _on_branch(model, "adv", fold_bn)
+    encoder_adv, encoder_nat = (_encoder(model, branch, fold_bn) for branch in ("adv", "normal"))
+    parts = []
+    for index in _minibatches(order, batch_size):
+        x1, x2, _ = dataset.views(index, strength, generator, interpolation)
+        x1_adv, x2_adv = pgd_contrastive(attacked, x1, x2, eps=eps, step_size=step_size,
+                                         steps=attack_steps, generator=attack_generator,
+                                         temperature=temperature, autocast_dtype=autocast_dtype)
+        rows = 2 * index.numel()
+        f_adv = _features(encoder_adv, torch.cat([x1_adv, x2_adv]), rows, autocast_dtype)
+        f_nat = _features(encoder_nat, torch.cat([x1, x2]), rows, autocast_dtype)
+        h, delta = _pairs_by_image(model, layers, f_adv, f_nat, loss)
+        parts.append(_minibatch_candidates(index, h, delta, bias, granularity))
+    return _Candidates.concatenate(parts)
+
+
+def _selection_loss(z_adv: torch.Tensor, z_nat: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The plain ACL loss, the mean of the natural and the adversarial NT-Xent (docs/rcs.md
+    section 3); rows are view 1 then view 2."""
+    n = z_adv.shape[0] // 2
+    return 0.5 * (nt_xent(z_nat[:n], z_nat[n:], temperature)
+                  + nt_xent(z_adv[:n], z_adv[n:], temperature))
+
+
+def _pairs_by_image(model, layers, f_adv, f_nat, loss_fn):
+    """A minibatch's (H, Delta) per head layer, each image's 4 rows made contiguous.
+
+    The head runs on [view 1 adv, view 2 adv, view 1, view 2] x b rows; image-major, every
+    element (an image or the minibatch) owns one block of rows."""
+    _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")], loss_fn)
+    b = f_adv.shape[0] // 2
+
+    def by_image(rows: torch.Tensor) -> torch.Tensor:
+        return rows.view(4, b, -1).transpose(0, 1).reshape(4 * b, -1)
+
+    return [by_image(t) for t in h], [by_image(t) for t in delta]
+
+
+def _minibatch_candidates(index, h, delta, bias, granularity) -> _Candidates:
+    """The elements of one minibatch from its image-major rows: at "sample" one per image (its 4
+    rows), at "batch" the minibatch itself."""
+    b = index.numel()
+    if granularity == "sample":
+        segments = torch.arange(b, device=h[0].device).repeat_interleave(4)
+        r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=b)
+        # The sample's gradient is on the scale of a one-sample loss (docs/rcs.md section 2).
+        return _Candidates(list(index.cpu().split(1)), r * b, h, delta,
+                           offsets=list(range(0, 4 * b + 1, 4)), scales=[float(b)] * b)
+    segments = torch.zeros(4 * b, dtype=torch.int64, device=h[0].device)
+    r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=1)
+    return _Candidates([index.cpu()], r, h, delta, offsets=[0, 4 * b], scales=[1.0])
+
+
+def _element_gradient(candidates: _Candidates, element: int, bias):
+    """G_e per layer as (weight gradient [out, in], bias gradient [out] or None), from its rows."""
+    rows = slice(candidates.offsets[element], candidates.offsets[element + 1])
+    scale = candidates.scales[element]
+    grads = []
+    for h, delta, has_bias in zip(candidates.inputs, candidates.grad_outputs, bias, strict=True):
+        d = delta[rows] * scale
+        grads.append((d.T @ h[rows], d.sum(dim=0) if has_bias else None))
+    return grads
+
+
+# ---- steps 2 and 3: the validation gradient v ----------------------------------------------------
+
+def _validation_projection(model, layers, bias, f_adv, f_nat, divergence) -> torch.Tensor:
+    """v: the projected gradient of RD(U) with respect to the head, from U's frozen features."""
+    def rd(z_adv, z_nat):
+        return representational_divergence(z_adv, z_nat, divergence)
+
+    _, h, delta = _head_pairs(model, layers, [(f_adv, "adv"), (f_nat, "normal")], rd)
+    segments = torch.zeros(h[0].shape[0], dtype=torch.int64, device=h[0].device)
+    return rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=1)[0]
+
+
+class _ValidationGradient:
+    """v at the current head and its refresh after a simulated step.
+
+    The backbone is frozen for the round, so U's natural features f(x_U) are computed once and
+    its adversarial features f(x~_U) change only when `reattack` attacks U again (through the
+    whole network, the current head included). `attacks` counts the RD attacks.
+    """
+
+    def __init__(self, model, layers, bias, x_u: torch.Tensor, *, eps, step_size, steps,
+                 divergence, generator, batch_size, fold_bn) -> None:
+        self.model, self.layers, self.bias, self.divergence = model, layers, bias, divergence
+        self.x_u, self.batch_size = x_u, batch_size
+        self.attack_options = dict(eps=eps, step_size=step_size, steps=steps,
+                                   divergence=divergence, generator=generator,
+                                   batch_size=batch_size, fold_bn=fold_bn)
+        self.f_nat = _features(_encoder(model, "normal", fold_bn), x_u, batch_size)
+        # The simulated steps change the head only: the backbone's features stay valid.
+        self.encoder_adv = _encoder(model, "adv", fold_bn)
+        self.attacks = 0
+        self.reattack()
+
+    def reattack(self) -> None:
+        x_adv = rd_attack(self.model, self.x_u, **self.attack_options)
+        self.f_adv = _features(self.encoder_adv, x_adv, self.batch_size)
+        self.attacks += 1
+
+    def projection(self) -> torch.Tensor:
+        return _validation_projection(self.model, self.layers, self.bias, self.f_adv, self.f_nat,
+                                      self.divergence)

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastacl.errors import ConfigError
+
 __all__ = [
     "CPUSyncBatchNorm",
     "all_gather",
@@ -52,7 +54,6 @@ __all__ = [
     "on_main_process",
     "rank",
     "rank_device",
-    "unwrap_ddp",
     "world_size",
     "wrap_ddp",
 ]
@@ -133,7 +134,7 @@ def rank_device(device: str | torch.device) -> torch.device:
     if device.type != "cuda" or world_size() == 1:
         return device
     if device.index is not None and device.index != local_rank():
-        raise ValueError(
+        raise ConfigError(
             f"device {device} names one GPU, but under torchrun every process has its own: "
             f"pass device 'cuda' (or 'auto'), and rank {rank()} uses cuda:LOCAL_RANK"
         )
@@ -159,14 +160,6 @@ def wrap_ddp(model: nn.Module, device: str | torch.device) -> nn.parallel.Distri
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, **buffers
     )
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (`model` itself otherwise). Attacks run on it:
-    a forward through the DDP wrapper would arm its gradient all-reduce."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.module
-    return model
 
 
 # ---- differentiable collectives ----------------------------------------------------------------
@@ -358,8 +351,9 @@ def on_main_process(fn: Callable[[], T]) -> T:
 
 
 def check_same_on_all_ranks(values: dict[str, Any], what: str = "config") -> None:
-    """ValueError on every rank unless every rank passed equal `values` (e.g. the resolved
-    TrainConfig): ranks that train with different settings would deadlock or silently diverge."""
+    """ConfigError (a ValueError) on every rank unless every rank passed equal `values` (e.g.
+    the resolved TrainConfig): ranks that train with different settings would deadlock or
+    silently diverge."""
     if world_size() == 1:
         return
     gathered: list[Any] = [None] * world_size()
@@ -373,7 +367,7 @@ def check_same_on_all_ranks(values: dict[str, Any], what: str = "config") -> Non
                                    f"{other.get(key)!r} on rank {other_rank}")
     if differences:
         shown = "; ".join(differences[:5]) + ("; ..." if len(differences) > 5 else "")
-        raise ValueError(f"the ranks disagree on the {what}: {shown}. Launch every rank with "
+        raise ConfigError(f"the ranks disagree on the {what}: {shown}. Launch every rank with "
                          "the same arguments (and the same fastacl version)")
 
 

@@ -1,5 +1,5 @@
 """LARS and the per-iteration learning-rate schedule, as the published ACL code runs them
-(spec/acl-air.md section 5)."""
+(docs/acl-air.md section 5)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class LARS(torch.optim.Optimizer):
         local = eta ||w|| / (||g|| + wd ||w||), or 1 when ||w|| or ||g|| < 1e-15
         buf   = momentum * buf + lr * local * (g + wd w)
         w     = w - buf
-    Defaults are the spec's: eta 0.001, momentum 0.9, wd 1e-6.
+    Defaults are the published ones (docs/acl-air.md section 5): eta 0.001, momentum 0.9, wd 1e-6.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6,
@@ -65,7 +65,7 @@ class LARS(torch.optim.Optimizer):
 
 def warmup_cosine_lr(iteration: int, total_iterations: int, warmup_iterations: int,
                      base_lr: float, min_lr: float = 1e-6) -> float:
-    """The learning rate of 0-based iteration `iteration` (spec section 5).
+    """The learning rate of 0-based iteration `iteration` (docs/acl-air.md section 5).
 
     Linear warm-up base_lr * t / T_w for the 1-based step t = iteration + 1 <= T_w (so the first
     step is not wasted at lr 0), then cosine from base_lr to min_lr at the last iteration.

@@ -52,7 +52,8 @@ class SmallConvNet(nn.Module):
 
 
 class TinyDualBN(nn.Module):
-    """Shared conv and linear weights, one BatchNorm per branch (spec section 2, dual BN)."""
+    """Shared conv and linear weights, one BatchNorm per branch (dual BN, docs/acl-air.md
+    section 2)."""
 
     def __init__(self, out_features: int = 16):
         super().__init__()
@@ -261,6 +262,7 @@ def test_dual_bn_model_gets_the_branch_and_plain_modules_are_called_plainly():
 def test_dual_bn_is_recognised_behind_torch_compile():
     assert attacks._takes_branch(torch.compile(TinyDualBN()))  # compiles nothing until called
     assert not attacks._takes_branch(torch.compile(SmallConvNet()))
+    assert attacks._takes_branch(nn.DataParallel(TinyDualBN()))
 
 
 def test_bf16_autocast_attack_stays_in_budget_and_still_raises_the_loss(contrastive_model):
@@ -387,6 +389,23 @@ def test_robust_accuracy_pgd20_is_at_most_clean_accuracy(classifier):
     assert robust <= clean
     with pytest.raises(ValueError, match="attack must be 'pgd20', 'autoattack' or a callable"):
         robust_accuracy(model, x, y, attack="fgsm")
+
+
+def test_robust_accuracy_takes_uint8_images_and_shows_progress(classifier):
+    model, x, y = classifier
+    pixels = (x * 255).round().to(torch.uint8)
+    seeded = lambda: torch.Generator().manual_seed(3)
+    from_uint8 = robust_accuracy(model, pixels, y, eps=EPS, batch_size=5, generator=seeded(),
+                                 progress=True)
+    assert from_uint8 == robust_accuracy(model, pixels.float() / 255, y, eps=EPS, batch_size=5,
+                                         generator=seeded())
+    # PGD-20 is 20 steps of eps / 4 from the generator's random start, chunk after chunk.
+    expected = torch.cat([
+        is_robust(model, xb, yb, pgd(model, xb, yb, eps=EPS, step_size=EPS / 4, steps=20,
+                                     generator=generator))
+        for generator in [seeded()] for xb, yb in zip((pixels.float() / 255).split(5),
+                                                      y.split(5), strict=True)])
+    assert from_uint8 == expected.float().mean().item()
 
 
 # ---- AutoAttack --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""fastacl.coreset (spec/rcs.md section 3) and its trainer integration: the budget, the
+"""fastacl.coreset (docs/rcs.md section 3) and its trainer integration: the budget, the
 validation split, the gradients RCS projects, the greedy order, the random baseline, bad input,
 and resumable coreset runs."""
 
@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fastacl.coreset as coreset
-import fastacl.train as fastacl_train
+from fastacl import pretrain
+from fastacl.config import TrainConfig
 from fastacl.coreset import (
     _element_gradient,
     _head_pairs,
@@ -190,7 +191,8 @@ def test_projections_are_the_rowmean_of_the_true_head_gradients():
 
 def test_sample_gradients_average_to_the_minibatch_gradient(dataset):
     """Each sample's gradient is its rows' contribution times the minibatch size, so their mean
-    over a minibatch is the minibatch gradient (spec section 2); G_e rebuilds from the pairs."""
+    over a minibatch is the minibatch gradient (docs/rcs.md section 2); G_e rebuilds from the
+    pairs."""
     from fastacl.coreset import _candidate_gradients
 
     model = _model().eval()
@@ -207,6 +209,8 @@ def test_sample_gradients_average_to_the_minibatch_gradient(dataset):
             attack_generator=torch.Generator().manual_seed(0), **common)
     batch, sample = results["batch"], results["sample"]
     assert len(batch.elements) == 2 and len(sample.elements) == 32
+    assert batch.offsets == [0, 4 * BATCH, 8 * BATCH]  # each element owns its images' 4 rows
+    assert sample.offsets == list(range(0, 4 * 32 + 1, 4))
     for e, element in enumerate(batch.elements):
         members = [i for i, s in enumerate(sample.elements) if torch.isin(s, element).all()]
         assert len(members) == BATCH
@@ -284,23 +288,25 @@ def test_a_model_without_a_linear_head_is_refused(dataset):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(coreset="greedy"), "coreset must be None, 'rcs' or 'random'"),
+        (dict(coreset="greedy"), "coreset must be one of None, rcs, random, got 'greedy'"),
         (dict(coreset="rcs", coreset_fraction=1.0), r"coreset_fraction must be in \(0, 1\)"),
         (dict(coreset="rcs", method="cl"), "use an adversarial method"),
         (dict(coreset="rcs", coreset_refresh="lazy"), "coreset_refresh must be one of"),
         (dict(coreset="random", epochs=1), r"coreset_warmup must be in \[0, epochs"),
         (dict(coreset_validation=1.0), r"coreset_validation must be in \[0, 1\)"),
         (dict(coreset="rcs", coreset_fraction=0.1, **TINY), "smaller than batch_size 16"),
-        (dict(coreset="rcs", coreset_attack_steps=-1), "coreset_attack_steps must be >= 0"),
-        (dict(coreset="rcs", coreset_precision="fp16"), "coreset_precision must be 'fp32'"),
+        (dict(coreset="rcs", coreset_attack_steps=-1),
+         "coreset_attack_steps must be an integer >= 0"),
+        (dict(coreset="rcs", coreset_precision="fp16"),
+         "coreset_precision must be one of fp32, bf16"),
         (dict(coreset="rcs", coreset_precision="bf16", deterministic=True),
-         "coreset_precision must be fp32"),
+         "deterministic=True .* cannot be combined with .*coreset_precision='bf16'"),
     ],
 )
 def test_bad_coreset_config_is_a_clear_error_and_writes_nothing(tmp_path, overrides, message):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
-        fastacl_train.train(out_dir=str(out), **{"epochs": 2, **overrides})
+        pretrain.train(out_dir=str(out), **{"epochs": 2, **overrides})
     assert not out.exists()
 
 
@@ -311,14 +317,14 @@ def _records(out):
 
 
 def test_schedule_defaults_scale_with_the_epochs():
-    cfg = fastacl_train.TrainConfig(dataset="cifar10", coreset="rcs").resolve()
-    assert (cfg.coreset_warmup, cfg.coreset_interval) == (100, 20)  # spec: W = 100, I = 20
-    short = fastacl_train.TrainConfig(coreset="random", epochs=5).resolve()
-    assert (short.coreset_warmup, short.coreset_interval) == (1, 1)
-    selections = [e for e in range(1, 1001) if fastacl_train._is_selection_epoch(cfg, e)]
+    cfg = TrainConfig.from_options(dataset="cifar10", coreset="rcs").resolve()
+    assert (cfg.coreset.warmup, cfg.coreset.interval) == (100, 20)  # spec: W = 100, I = 20
+    short = TrainConfig.from_options(coreset="random", epochs=5).resolve()
+    assert (short.coreset.warmup, short.coreset.interval) == (1, 1)
+    selections = [e for e in range(1, 1001) if pretrain.is_selection_epoch(cfg, e)]
     assert selections[:3] == [101, 121, 141] and len(selections) == 45
-    assert cfg.coreset_attack_steps == cfg.attack_steps == 5  # the spec's pool pass
-    assert cfg.coreset_precision == cfg.precision == "fp32"
+    assert cfg.coreset.attack_steps == cfg.attack.steps == 5  # the spec's pool pass
+    assert cfg.coreset.precision == cfg.speed.precision == "fp32"
 
 
 def test_pool_attack_steps_reach_the_selection(tmp_path, monkeypatch):
@@ -330,15 +336,15 @@ def test_pool_attack_steps_reach_the_selection(tmp_path, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(coreset, "select_coreset", spy)
-    fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs",
-                        coreset_attack_steps=1, coreset_precision="bf16", fold_bn=False, **TINY)
+    pretrain.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs", coreset_attack_steps=1,
+                   coreset_precision="bf16", fold_bn=False, **TINY)
     assert seen == [(1, torch.bfloat16, False)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_rcs_run_records_its_selections(tmp_path, precision):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs",
-                                 precision=precision, **TINY)
+    result = pretrain.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs",
+                            precision=precision, **TINY)
     first, second = _records(result.out_dir)
     # U (8 images) is held out: epoch 1 trains on the 120-image pool, epoch 2 on its coreset.
     assert first["train_images"] == 120 and "coreset_size" not in first
@@ -349,8 +355,8 @@ def test_rcs_run_records_its_selections(tmp_path, precision):
 
 
 def test_random_subset_is_drawn_once_per_run(tmp_path):
-    result = fastacl_train.train(out_dir=str(tmp_path / "run"), epochs=3, coreset="random",
-                                 coreset_interval=1, **TINY)
+    result = pretrain.train(out_dir=str(tmp_path / "run"), epochs=3, coreset="random",
+                            coreset_interval=1, **TINY)
     records = _records(result.out_dir)
     assert ["coreset_size" in r for r in records] == [False, True, False]
     assert [r["train_images"] for r in records] == [120, 24, 24]
@@ -359,15 +365,15 @@ def test_random_subset_is_drawn_once_per_run(tmp_path):
 @pytest.mark.slow
 def test_interrupted_coreset_run_resumes_to_the_same_weights(tmp_path):
     common = dict(epochs=3, seed=3, coreset="rcs", coreset_fraction=0.3, **TINY)
-    full = fastacl_train.train(out_dir=str(tmp_path / "full"), **common)
+    full = pretrain.train(out_dir=str(tmp_path / "full"), **common)
     # Stop after the first step of epoch 2, the first coreset epoch (2 steps of its 36 images).
-    stopped = fastacl_train.train(out_dir=str(tmp_path / "cut"),
-                                  on_step=lambda epoch, step, terms: (epoch, step) == (2, 0),
-                                  **common)
+    stopped = pretrain.train(out_dir=str(tmp_path / "cut"),
+                             on_step=lambda epoch, step, terms: (epoch, step) == (2, 0),
+                             **common)
     assert stopped.summary == {"interrupted": True}
     state = load_checkpoint(stopped.checkpoint)["extra"]["train_state"]
     assert state["coreset_indices"].numel() == 36
-    resumed = fastacl_train.train(resume=tmp_path / "cut")
+    resumed = pretrain.train(resume=tmp_path / "cut")
     expected = load_checkpoint(full.checkpoint)["state_dict"]
     actual = load_checkpoint(resumed.checkpoint)["state_dict"]
     for key in expected:

@@ -24,12 +24,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import fastacl.train as fastacl_train
-from fastacl import distributed
+import fastacl.pretrain.loop as pretrain_loop
+import fastacl.pretrain.step as pretrain_step
+from fastacl import distributed, pretrain
+from fastacl.config import TrainConfig
 from fastacl.losses import ACLLoss, NTXentLoss
 from fastacl.models import DualBatchNorm2d, bn_branch, load_checkpoint
 from fastacl.ops import nt_xent
 from fastacl.ops.nt_xent import nt_xent_reference
+from fastacl.utils import unwrap
 from tests.conftest import relative_error
 
 WORLD = 2
@@ -251,38 +254,35 @@ def _fixed_attack(model, x1, x2, **kwargs):
 
 
 def _step_gradients(method, sync_bn, rank=0, world=1, fixed_attack=False):
-    """The parameter gradients of one `train_step`, built as `_run` builds them."""
-    import fastacl.attacks
+    """The parameter gradients of one `train_step`, built as the trainer builds them."""
     from fastacl.data import DeviceDataset, load_dataset
     from fastacl.models import build_model
     from fastacl.optim import LARS
 
-    cfg = fastacl_train.TrainConfig(method=method, sync_bn=sync_bn, **STEP).resolve()
-    images, _ = load_dataset(cfg.dataset, split="train")
-    dataset = DeviceDataset(images[: cfg.max_train])
+    cfg = TrainConfig.from_options(method=method, sync_bn=sync_bn, **STEP).resolve()
+    images, _ = load_dataset(cfg.data.dataset, split="train")
+    dataset = DeviceDataset(images[: cfg.data.max_train])
     torch.manual_seed(cfg.seed)
     # float64 weights and images: a freshly initialised ResNet's fp32 gradient is itself only
     # good to ~5e-3 (BN backward cancels), far coarser than 1 vs 2 processes differ; the loss
     # still runs in fp32 on the .float() embeddings, as train_step does.
-    model = build_model(cfg.model, in_channels=1, dual_bn=cfg.is_adversarial).double()
-    optimizer = LARS(model.parameters(), lr=cfg.lr)
-    loss_fn = ACLLoss(lambda1=cfg.lambda1, lambda2=cfg.lambda2,
-                      gather_distributed=cfg.gather_negatives)
+    model = build_model(cfg.model.name, in_channels=1, dual_bn=cfg.is_adversarial).double()
+    optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = ACLLoss(lambda1=cfg.loss.lambda1, lambda2=cfg.loss.lambda2,
+                      gather_distributed=cfg.distributed.gather_negatives)
     if world > 1:
         if sync_bn:
             model = distributed.convert_sync_batchnorm(model, "cpu")
         model = distributed.wrap_ddp(model, "cpu")
-    index = next(dataset.batches(cfg.batch_size, torch.Generator().manual_seed(0)))
-    x1, x2, x_orig = fastacl_train._rank_views(dataset, index, 1.0,
-                                               torch.Generator().manual_seed(0),
-                                               cfg.interpolation, rank, world)
+    index = next(dataset.batches(cfg.optim.batch_size, torch.Generator().manual_seed(0)))
+    x1, x2, x_orig = pretrain.rank_views(dataset, index, 1.0, torch.Generator().manual_seed(0),
+                                         cfg.data.interpolation, rank, world)
     x1, x2, x_orig = x1.double(), x2.double(), x_orig.double()
     if fixed_attack:
-        fastacl.attacks.pgd_contrastive = _fixed_attack  # train_step imports it at call time
+        pretrain_step.pgd_contrastive = _fixed_attack  # the step's own binding of the attack
     attack_generator = torch.Generator().manual_seed(1)
-    terms = fastacl_train.train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg,
-                                     attack_generator)
-    grads = {name: p.grad.clone() for name, p in distributed.unwrap_ddp(model).named_parameters()}
+    terms = pretrain.train_step(model, loss_fn, optimizer, x_orig, x1, x2, cfg, attack_generator)
+    grads = {name: p.grad.clone() for name, p in unwrap(model).named_parameters()}
     return grads, {name: float(value) for name, value in terms.items()}
 
 
@@ -307,10 +307,8 @@ def test_ddp_step_gradients_equal_the_single_process_step(tmp_path):
     """With gathered losses and sync BN, DDP's averaged gradient is the single-process one: for
     "cl", and for "acl-air" given the same adversarial views (the attack is the only thing that
     differs). Without sync BN each rank normalises with its own half batch: they differ."""
-    import fastacl.attacks
-
     _launch(_step_worker, tmp_path)
-    real_attack = fastacl.attacks.pgd_contrastive
+    real_attack = pretrain_step.pgd_contrastive
     try:
         for method, sync_bn, fixed_attack in STEP_CASES:
             expected, expected_terms = _step_gradients(method, sync_bn, fixed_attack=fixed_attack)
@@ -324,7 +322,7 @@ def test_ddp_step_gradients_equal_the_single_process_step(tmp_path):
                 else:
                     assert error > 1e-3, (method, r, error)
     finally:
-        fastacl.attacks.pgd_contrastive = real_attack
+        pretrain_step.pgd_contrastive = real_attack
 
 
 # ---- the trainer: whole runs, resume, errors -----------------------------------------------------
@@ -340,15 +338,15 @@ RUN_FP64_RELATIVE = 1e-9
 @contextlib.contextmanager
 def _float64_training():
     """train() with float64 weights (the default dtype) and views; the losses stay fp32."""
-    real_views = fastacl_train._rank_views
+    real_views = pretrain_loop.rank_views
     default = torch.get_default_dtype()
-    fastacl_train._rank_views = lambda *args: tuple(x.double() for x in real_views(*args))
+    pretrain_loop.rank_views = lambda *args: tuple(x.double() for x in real_views(*args))
     torch.set_default_dtype(torch.float64)
     try:
         yield
     finally:
         torch.set_default_dtype(default)
-        fastacl_train._rank_views = real_views
+        pretrain_loop.rank_views = real_views
 
 
 def _train_runs(rank, world, runs):
@@ -361,9 +359,9 @@ def _train_runs(rank, world, runs):
 
         with _float64_training() if float64 else contextlib.nullcontext():
             if resume:
-                fastacl_train.train(resume=out_dir, on_step=on_step)
+                pretrain.train(resume=out_dir, on_step=on_step)
             else:
-                fastacl_train.train(out_dir=out_dir, on_step=on_step, **overrides)
+                pretrain.train(out_dir=out_dir, on_step=on_step, **overrides)
 
 
 def _ports(n):
@@ -401,9 +399,9 @@ def test_two_process_run_equals_one_process_run_with_sync_bn(tmp_path):
         (str(tmp_path / "ddp64"), dict(common, port=port_b), (1, 0), False, True),
         (str(tmp_path / "ddp64"), dict(port=port_c), None, True, True),
     ])
-    single32 = fastacl_train.train(out_dir=str(tmp_path / "single32"), **common)
+    single32 = pretrain.train(out_dir=str(tmp_path / "single32"), **common)
     with _float64_training():
-        single64 = fastacl_train.train(out_dir=str(tmp_path / "single64"), **common)
+        single64 = pretrain.train(out_dir=str(tmp_path / "single64"), **common)
 
     error64 = _state_error(_parameters(tmp_path / "ddp64"), _parameters(single64.out_dir))
     assert error64 <= RUN_FP64_RELATIVE, error64
@@ -443,8 +441,7 @@ def _bad_launches(rank, world, out, ports):
     ]:
         os.environ["MASTER_PORT"] = str(port)
         with pytest.raises(ValueError, match=message):
-            fastacl_train.train(out_dir=str(out / "run"), max_train=32, evaluate=False,
-                                **overrides)
+            pretrain.train(out_dir=str(out / "run"), max_train=32, evaluate=False, **overrides)
         assert not dist.is_initialized()  # train() destroyed the group it created
 
 
@@ -480,23 +477,25 @@ def test_torchrun_cli_writes_one_checkpoint(tmp_path):
 
 # ---- RCS under DDP: rank 0 selects, every rank receives the same subset ------------------------
 def _coreset_selection():
-    """One RCS round exactly as the trainer runs it (fastacl.train._select behind
+    """One RCS round exactly as the trainer runs it (fastacl.pretrain.loop._select behind
     distributed.on_main_process), on a tiny model and 64 demo images."""
-    import functools
+    import types
 
     from fastacl.coreset import validation_split
     from fastacl.data import DeviceDataset, load_dataset
     from fastacl.models import build_model
 
-    cfg = fastacl_train.TrainConfig(method="acl", coreset="rcs", coreset_fraction=0.25, epochs=2,
-                                    batch_size=8, attack_steps=1).resolve()
+    cfg = TrainConfig.from_options(method="acl", coreset="rcs", coreset_fraction=0.25, epochs=2,
+                                   batch_size=8, attack_steps=1).resolve()
     torch.manual_seed(0)
     model = build_model("resnet18-small", in_channels=1, width=4, head_dim=16)
     images, _ = load_dataset("mnist5k", split="train")
     pool, validation = validation_split(64, seed=0)
-    selection = distributed.on_main_process(functools.partial(
-        fastacl_train._select, cfg, model, DeviceDataset(images[:64]), pool, validation, 2,
-        torch.device("cpu")))
+    # The parts of the trainer's run state that a selection reads.
+    run = types.SimpleNamespace(cfg=cfg, model=model, dataset=DeviceDataset(images[:64]),
+                                pool=pool, validation=validation, epoch=2)
+    strength = pretrain.augmentation_strength(cfg, run.epoch)
+    selection = distributed.on_main_process(lambda: pretrain_loop._select(run, strength))
     return selection["indices"]
 
 

@@ -18,7 +18,7 @@ from fastacl.models.folded import (
     can_fold,
     folded_for_attack,
 )
-from fastacl.train import compiled_for_attack
+from fastacl.pretrain import compiled_for_attack
 from tests.conftest import relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,15 +175,15 @@ def test_folded_mirror_on_cuda_channels_last_bf16_and_compiled():
 def test_the_trainer_attacks_a_mirror_of_the_current_weights(monkeypatch):
     """Each step's attack runs the folded mirror, and it computes the model as it is at that
     step (weights and BN statistics updated by the steps before), not a stale copy."""
-    import fastacl.attacks as attacks
-    from fastacl.losses import ACLLoss
+    import fastacl.pretrain.step as step
+    from fastacl.config import TrainConfig
     from fastacl.optim import LARS
-    from fastacl.train import TrainConfig, train_step
+    from fastacl.pretrain import loss_for, train_step
 
     model = build_model("resnet18-small", width=4, head_dim=8, in_channels=1).train()
-    cfg = TrainConfig(method="acl", dataset="mnist5k", batch_size=8, attack_steps=1,
-                      device="cpu", evaluate=False).resolve()
-    original, checked = attacks.pgd_contrastive, []
+    cfg = TrainConfig.from_options(method="acl", dataset="mnist5k", batch_size=8, attack_steps=1,
+                                   device="cpu", evaluate=False).resolve()
+    original, checked = step.pgd_contrastive, []
 
     def spy(attack_model, x1, x2, **kwargs):
         assert isinstance(attack_model, FoldedResNet18)
@@ -194,9 +194,9 @@ def test_the_trainer_attacks_a_mirror_of_the_current_weights(monkeypatch):
             checked.append(relative_error(attack_model(x1), expected))
         return original(attack_model, x1, x2, **kwargs)
 
-    monkeypatch.setattr(attacks, "pgd_contrastive", spy)
-    optimizer = LARS(model.parameters(), lr=cfg.lr)
-    loss_fn = ACLLoss(0.0, cfg.lambda1, cfg.lambda2, cfg.temperature, cfg.air_form)
+    monkeypatch.setattr(step, "pgd_contrastive", spy)  # the step's own binding of the attack
+    optimizer = LARS(model.parameters(), lr=cfg.optim.lr)
+    loss_fn = loss_for(cfg)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         x_orig, x1, x2 = (torch.rand(8, 1, 12, 12, generator=g) for _ in range(3))

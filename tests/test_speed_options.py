@@ -69,8 +69,11 @@ def test_bf16_autocasts_on_the_cpu_and_stays_close_to_fp32(fold_bn, conv_calls):
     assert all(value.dtype == torch.float32 for value in fast.values())  # losses in fp32
     # Without the attack (whose iterates bf16 may steer elsewhere on this width-4 net) the
     # loss is the fp32 loss up to bf16 rounding (measured: 0.5%).
-    reference = _step(copy.deepcopy(model), _cfg(attack_steps=0), _views())
-    fast = _step(copy.deepcopy(model), _cfg(attack_steps=0, precision="bf16"), _views())
+    # (A config refuses attack_steps=0 for an adversarial method; the step itself runs it.)
+    no_attack, no_attack_bf16 = _cfg(), _cfg(precision="bf16")
+    no_attack.attack.steps = no_attack_bf16.attack.steps = 0
+    reference = _step(copy.deepcopy(model), no_attack, _views())
+    fast = _step(copy.deepcopy(model), no_attack_bf16, _views())
     assert relative_error(fast["total"], reference["total"]) < 0.02
 
 
@@ -154,8 +157,9 @@ def test_compiled_attack_is_captured_once_and_matches_eager():
 
 
 def test_attack_precision_alone_runs_the_attack_in_bf16_and_training_in_fp32():
-    assert _cfg().attack_precision == "fp32" and _cfg(precision="bf16").attack_precision == "bf16"
-    with pytest.raises(ValueError, match="attack_precision must be 'fp32' or 'bf16'"):
+    assert _cfg().speed.attack_precision == "fp32"
+    assert _cfg(precision="bf16").speed.attack_precision == "bf16"
+    with pytest.raises(ValueError, match="attack_precision must be one of fp32, bf16"):
         _cfg(attack_precision="fp16")
     model = _tiny_model()
     seen = []

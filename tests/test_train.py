@@ -276,7 +276,7 @@ def test_resume_fills_fields_an_older_checkpoint_lacks(tmp_path):
         del config[name]
     train_state["config"] = config
     torch.save(checkpoint, path)
-    cfg, _ = state.load_resume(run.out_dir, {})
+    cfg, _, _ = state.load_resume(run.out_dir, {})
     # A bf16 run keeps its bf16 attack; the rest takes today's defaults.
     assert (cfg.speed.attack_precision, cfg.speed.fold_bn, cfg.speed.precision) == (
         "bf16", True, "bf16")

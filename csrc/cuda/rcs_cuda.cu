@@ -1,5 +1,5 @@
 // CUDA kernels of the RCS ops and their plain launchers (declared in rcs_cuda.h). Nothing from
-// torch is included: this file compiles with `nvcc -c` alone (see ARCHITECTURE.md). Semantics and
+// torch is included: this file compiles with `nvcc -c` alone (see docs/design.md). Semantics and
 // the PyTorch reference: fastacl/ops/rcs.py. All arithmetic is fp32, whatever the storage.
 
 #include "rcs_cuda.h"

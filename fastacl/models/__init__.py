@@ -17,7 +17,6 @@ from fastacl.models.checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
     save_checkpoint,
-    unwrap_model,
 )
 from fastacl.models.dual_bn import (
     BRANCHES,
@@ -76,5 +75,4 @@ __all__ = [
     "load_state_dict_strict",
     "resnet18_acl",
     "save_checkpoint",
-    "unwrap_model",
 ]

@@ -16,7 +16,7 @@ Counter), lists, tuples, sets, numbers, strings, bytes, None, torch.dtype / devi
 ``save_checkpoint`` checks this before it writes, so a checkpoint that cannot be loaded safely
 is never written.
 
-Loading a state dict is strict (spec/acl-air.md, section 10: the published fine-tuning code loads
+Loading a state dict is strict (docs/acl-air.md section 10: the published fine-tuning code loads
 with strict=False and silently leaves BN and shortcut weights at their init). A missing or
 unexpected key, or a shape mismatch, raises StateDictMismatchError naming the keys.
 """
@@ -34,6 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+import fastacl
+from fastacl.models.resnet import build_model
+from fastacl.utils import unwrap
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
@@ -44,7 +48,6 @@ __all__ = [
     "load_checkpoint",
     "load_state_dict_strict",
     "save_checkpoint",
-    "unwrap_model",
 ]
 
 CHECKPOINT_FORMAT = "fastacl.checkpoint"
@@ -91,17 +94,6 @@ class StateDictMismatchError(CheckpointError):
         super().__init__("\n".join(parts))
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
 def check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
     """Raise TypeError naming the first value (by its path) weights_only loading would refuse."""
     if type(obj) in (torch.Tensor, nn.Parameter) or type(obj) in _SAFE_LEAF_TYPES:
@@ -139,9 +131,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     weights_only=True (see check_weights_only_safe); otherwise TypeError, before anything is
     written.
     """
-    import fastacl
-
-    model = unwrap_model(model)
+    model = unwrap(model)
     spec = getattr(model, "spec", None)
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
@@ -237,8 +227,6 @@ def build_model_from_checkpoint(
 
     The model comes back in train mode, as any freshly built module; call .eval() for features.
     """
-    from fastacl.models.resnet import build_model
-
     if not isinstance(checkpoint, dict):
         checkpoint = load_checkpoint(checkpoint, map_location=map_location)
     spec = checkpoint.get("model_spec")

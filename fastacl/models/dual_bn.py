@@ -3,7 +3,7 @@
 ACL (Jiang et al., 2020) keeps two sets of BN statistics and affine parameters in every BN layer
 of the backbone, the shortcuts and the projection head: natural views and original images go
 through the "normal" branch, adversarial views (and the attack that makes them) through the
-"adv" branch; all conv and linear weights are shared (spec/acl-air.md, section 2).
+"adv" branch; all conv and linear weights are shared (docs/acl-air.md section 2).
 
 Routing. A dual-BN layer does not take the branch as a forward argument (nn.Sequential and user
 modules would have to pass it through every call). Instead each layer has an ``active_branch``
@@ -29,6 +29,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from fastacl.errors import ConfigError
+from fastacl.utils import unwrap
+
 __all__ = [
     "BRANCHES",
     "Branch",
@@ -48,9 +51,9 @@ BRANCHES: tuple[str, ...] = ("normal", "adv")
 
 
 def check_branch(branch: str) -> str:
-    """Return ``branch`` if it names a BN branch, else raise a ValueError naming the choices."""
+    """Return ``branch`` if it names a BN branch, else raise a ConfigError naming the choices."""
     if branch not in BRANCHES:
-        raise ValueError(
+        raise ConfigError(
             f"branch must be one of {BRANCHES}, got {branch!r} "
             "(natural views use 'normal', adversarial views and attacks use 'adv')"
         )
@@ -202,20 +205,18 @@ def encoder_from_branch(model: nn.Module, branch: str = "adv") -> nn.Module:
     """A single-BN copy of the encoder holding ``branch``'s BN parameters and running stats.
 
     ``model`` is one of our models (its ``.backbone`` is copied; the projection head is dropped,
-    spec section 8) or any other encoder module (copied whole). Every dual-BN layer in the copy
-    becomes the plain BN layer of ``branch``, so in eval mode the copy's output equals the
-    model's features on that branch exactly. ``model`` itself is not modified.
+    docs/acl-air.md section 8) or any other encoder module (copied whole). Every dual-BN layer in
+    the copy becomes the plain BN layer of ``branch``, so in eval mode the copy's output equals
+    the model's features on that branch exactly. ``model`` itself is not modified.
 
     A model without dual BN (the "cl" baseline) has only its "normal" branch; asking it for "adv"
     raises rather than silently returning the natural encoder.
     """
-    from fastacl.models.checkpoint import unwrap_model  # (DDP / torch.compile wrappers)
-
     check_branch(branch)
-    model = unwrap_model(model)
+    model = unwrap(model)  # (DataParallel / DDP / torch.compile wrappers)
     encoder = model.backbone if isinstance(getattr(model, "backbone", None), nn.Module) else model
     if not has_dual_bn(encoder) and branch != "normal":
-        raise ValueError(
+        raise ConfigError(
             f"branch={branch!r} was asked for, but {type(encoder).__name__} has no dual BN "
             "layers (a single-BN model, e.g. trained with method 'cl'): its only branch is "
             "'normal'"

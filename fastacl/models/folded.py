@@ -1,6 +1,6 @@
 """Eval-mode batch norm folded into the convolution or linear layer before it, for the attacks.
 
-Every attack runs the model in eval mode (spec/acl-air.md section 3: model in eval mode, "adv"
+Every attack runs the model in eval mode (docs/acl-air.md section 3: model in eval mode, "adv"
 BN branch), where a BN layer is a fixed per-channel affine map of its input:
 
     BN(y) = gamma (y - mu) / sqrt(var + eps) + beta = s y + t,  s = gamma / sqrt(var + eps),
@@ -150,7 +150,7 @@ class FoldedResNet18(nn.Module):
         self.blocks = nn.ModuleList(_FoldedBlock(block) for block in _blocks(backbone))
         head = model.head
         self.fc1, self.fc2, self.fc3 = (_FoldedLayer(fc) for fc in (head.fc1, head.fc2, head.fc3))
-        # torch.compile wrappers of this module by mode (fastacl.train.compiled_for_attack); a
+        # torch.compile wrappers of this module by mode (fastacl.pretrain.compiled_for_attack); a
         # plain dict, so they are not submodules, and they go when this module goes.
         self.compiled: dict = {}
         self.refresh(model)

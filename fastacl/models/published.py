@@ -39,6 +39,9 @@ from typing import Any
 
 import torch
 
+from fastacl.models.checkpoint import load_state_dict_strict
+from fastacl.models.resnet import build_model
+
 __all__ = [
     "EXPORT_RULES",
     "IMPORT_RULES",
@@ -191,9 +194,6 @@ def build_model_from_published(state_dict_or_path: dict[str, Any] | str | os.Pat
     in_channels and width from conv1, head_dim from fc.fc1, mean / std from the normalize
     buffers. A path is loaded with torch.load(weights_only=True) (never a full unpickle).
     """
-    from fastacl.models.checkpoint import load_state_dict_strict
-    from fastacl.models.resnet import build_model
-
     source = state_dict_or_path
     if not isinstance(source, dict):
         source = torch.load(source, map_location="cpu", weights_only=True)

@@ -1,6 +1,6 @@
 """ResNet-18 backbone f and projection head g for (adversarial) contrastive learning.
 
-Architecture (spec/acl-air.md, section 2):
+Architecture (docs/acl-air.md section 2):
 - stem "cifar": 3x3 conv, stride 1, no bias + BN + ReLU, no max-pool (32x32 inputs, also the
   28x28 MNIST demo); stem "stl": 7x7 conv, stride 2 + BN + ReLU + 3x3/2 max-pool (96x96 STL-10).
 - 4 stages x 2 BasicBlocks, widths w, 2w, 4w, 8w (w = 64 in the paper), strides 1/2/2/2; a
@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastacl.errors import ConfigError
 from fastacl.models.dual_bn import DualBatchNorm1d, DualBatchNorm2d, bn_branch
+from fastacl.utils import check_choice
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -60,7 +62,7 @@ MNIST_STD = (0.3081,)
 
 # Name -> the keyword arguments of resnet18_acl that define it; explicit arguments override.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "resnet18": {"width": 64, "head_dim": 512},  # the paper's model (spec section 2)
+    "resnet18": {"width": 64, "head_dim": 512},  # the paper's model (docs/acl-air.md section 2)
     # The demo preset (28x28 MNIST on a 2-core CPU): 16/32/64/128 channels, 128-d head.
     "resnet18-small": {"width": 16, "head_dim": 128},
 }
@@ -78,9 +80,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(f"mean and std need one value per channel, got {mean} and {std}")
+            raise ConfigError(f"mean and std need one value per channel, got {mean} and {std}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {std}")
+            raise ConfigError(f"std must be positive, got {std}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
 
@@ -140,10 +142,9 @@ class ResNet18Backbone(nn.Module):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        check_choice("stem", stem, STEMS)
         if len(mean) != in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"mean/std need {in_channels} values (in_channels), got mean={tuple(mean)}"
             )
         norm2d, _ = _norm_layers(dual_bn)
@@ -267,7 +268,7 @@ def _default_normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[f
         return IMAGENET_MEAN, IMAGENET_STD
     if in_channels == 1:
         return MNIST_MEAN, MNIST_STD
-    raise ValueError(
+    raise ConfigError(
         f"no default normalisation for in_channels={in_channels} (defaults exist for 3: "
         "ImageNet, and 1: MNIST); pass mean=[...] and std=[...] with one value per channel"
     )
@@ -282,7 +283,7 @@ def resnet18_acl(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> ContrastiveResNet18:
-    """ResNet-18 + 3-layer projection head for ACL / DynACL / AIR (spec section 2).
+    """ResNet-18 + 3-layer projection head for ACL / DynACL / AIR (docs/acl-air.md section 2).
 
     Args:
         stem: "cifar" (3x3 stride-1 conv, no max-pool; 32x32 or 28x28 inputs) or "stl" (7x7
@@ -296,9 +297,9 @@ def resnet18_acl(
             MNIST's (0.1307, 0.3081) for 1 channel.
     """
     if width < 1 or head_dim < 1:
-        raise ValueError(f"width and head_dim must be positive, got {width} and {head_dim}")
+        raise ConfigError(f"width and head_dim must be positive, got {width} and {head_dim}")
     if (mean is None) != (std is None):
-        raise ValueError(f"pass both mean and std or neither, got mean={mean}, std={std}")
+        raise ConfigError(f"pass both mean and std or neither, got mean={mean}, std={std}")
     if mean is None:
         mean, std = _default_normalization(in_channels)
     return ContrastiveResNet18(stem, in_channels, width, head_dim, dual_bn, mean, std)
@@ -312,7 +313,7 @@ def build_model(name: str = "resnet18", **kwargs: Any) -> ContrastiveResNet18:
     ``name``, and ``model.spec["kwargs"]`` holds every argument, resolved.
     """
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model {name!r}; registered models: {sorted(MODEL_PRESETS)}")
+        raise ConfigError(f"unknown model {name!r}; registered models: {sorted(MODEL_PRESETS)}")
     model = resnet18_acl(**{**MODEL_PRESETS[name], **kwargs})
     model.spec["name"] = name
     return model

@@ -61,9 +61,9 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     on_step(epoch, step, terms): called after every step; returning True stops the run as Ctrl-C
     does (a checkpoint is written, the run can be resumed). Used by tests and tools.
     """
-    checkpoint = None
+    checkpoint = run_dir = None
     if resume is not None:
-        cfg, checkpoint = state.load_resume(resume, options)
+        cfg, checkpoint, run_dir = state.load_resume(resume, options)
     else:
         cfg = (config or TrainConfig()).with_options(**options).resolve()
     # Under torchrun: one process per device, DDP (fastacl.distributed).
@@ -75,7 +75,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         )
         _check_world_size(cfg, distributed.world_size())
         # Rank 0 alone decides a new run's directory (and whether it is taken).
-        out = (Path(resume) if resume is not None
+        out = (run_dir if resume is not None
                else distributed.on_main_process(lambda: state.prepare_out_dir(cfg)))
         with deterministic_mode(cfg.speed.deterministic):
             return _run(cfg, out, checkpoint, on_step)
@@ -114,6 +114,7 @@ class _Run:
     epoch: int = 1
     step: int = 0  # the next step of `epoch` (non-zero after resuming mid-epoch)
     sums: dict = field(default_factory=dict)  # the epoch's running sums of the loss terms
+    seconds: float = 0.0  # the epoch's training seconds before this process resumed it
     subset: torch.Tensor | None = None  # the current coreset (None: the whole pool)
     selection: dict = field(default_factory=dict)  # the record of this epoch's selection
 
@@ -131,6 +132,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "rng": state.rng_state(self.data_generator, self.attack_generator),
             "epoch": self.epoch, "step": self.step, "sums": self.sums,
+            "epoch_seconds": self.seconds,
             "coreset_indices": self.subset, "coreset_selection": self.selection, "ranks": ranks,
         })
 
@@ -149,6 +151,7 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
                           f"`fastacl train --resume {out}`")
                 return TrainResult(out, path, cfg, {"interrupted": True})
             run.epoch, run.step, run.sums, run.selection = run.epoch + 1, 0, {}, {}
+            run.seconds = 0.0
             checkpoint_path = run.save()
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -229,8 +232,13 @@ def _restore(run: _Run, checkpoint: dict) -> None:
     run.optimizer.load_state_dict(saved["optimizer"])
     state.set_rng_state(saved["rng"], run.data_generator, run.attack_generator)
     run.epoch, run.step, run.sums = saved["epoch"], saved["step"], saved["sums"]
+    run.seconds = saved.get("epoch_seconds", 0.0)
     run.subset, run.selection = saved.get("coreset_indices"), saved.get("coreset_selection", {})
     if run.main:
+        # A crash can leave a half-written file and, between an epoch's metrics line and its
+        # checkpoint, a line the resumed run will write again.
+        state.remove_temporary_files(run.out)
+        state.keep_metrics_before(run.out, run.epoch)
         print(f"fastacl: resuming {run.out} at epoch {run.epoch}, step {run.step}")
 
 
@@ -252,7 +260,7 @@ def _train_epoch(run: _Run, stop: state.StopRequest, on_step) -> bool:
     bar = progress(epoch_steps, f"epoch {epoch}/{cfg.optim.epochs}", enabled=run.main,
                    initial=run.step)
     run.model.train()
-    epoch_start, first_step = time.perf_counter(), run.step
+    epoch_start = time.perf_counter()
     for step, index in enumerate(batches, start=run.step):
         # The schedule counts epochs: a coreset epoch's steps sweep a whole epoch of it.
         iteration = (epoch - 1) * run.steps_per_epoch + step * run.steps_per_epoch / epoch_steps
@@ -279,16 +287,18 @@ def _train_epoch(run: _Run, stop: state.StopRequest, on_step) -> bool:
             stop.requested = distributed.any_rank(stop.requested)
         if stop.requested:
             bar.close()
+            run.seconds += time.perf_counter() - epoch_start
             return False
     bar.close()
-    _log_epoch(run, strength, epoch_pool.numel(), epoch_steps - first_step,
-               time.perf_counter() - epoch_start)
+    _log_epoch(run, strength, epoch_pool.numel(), epoch_steps,
+               run.seconds + time.perf_counter() - epoch_start)
     return True
 
 
-def _log_epoch(run: _Run, strength: float, train_images: int, steps_done: int,
+def _log_epoch(run: _Run, strength: float, train_images: int, steps: int,
                seconds: float) -> None:
-    """The epoch's line of metrics.jsonl (mean of every loss term, lr, s, w, images/s)."""
+    """The epoch's line of metrics.jsonl (mean of every loss term, lr, s, w, images/s).
+    `seconds` include the epoch's time before an interruption."""
     cfg = run.cfg
     sums = distributed.mean_over_ranks(run.sums)  # the same on every rank when gathered
     last_lr = schedule.learning_rate(cfg, run.epoch * run.steps_per_epoch - 1,
@@ -296,7 +306,7 @@ def _log_epoch(run: _Run, strength: float, train_images: int, steps_done: int,
     record = {"epoch": run.epoch, "lr": last_lr, "strength": strength,
               "w": run.loss_fn.weight_w,
               **{name: value / sums["steps"] for name, value in sums.items() if name != "steps"},
-              "images_per_second": steps_done * cfg.optim.batch_size / max(seconds, 1e-9),
+              "images_per_second": steps * cfg.optim.batch_size / max(seconds, 1e-9),
               "epoch_seconds": seconds, "train_images": train_images, **run.selection}
     if run.main:
         state.append_metrics(run.out, record)

@@ -115,9 +115,13 @@ def default_out_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_out_dir(cfg: TrainConfig) -> Path:
-    """The new run's directory (not created yet); refuses one that already holds a run."""
+    """The new run's directory (not created yet). A dir holds a run once it holds a checkpoint:
+    one that does is refused; one that does not (a start that failed or was killed before its
+    first checkpoint) may be used again."""
     out = Path(cfg.out_dir) if cfg.out_dir else default_out_dir(cfg)
-    if out.exists() and any((out / name).exists() for name in ("config.json", CHECKPOINT_NAME)):
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"out dir {out} is a file, not a directory: choose another out dir")
+    if (out / CHECKPOINT_NAME).exists():
         raise RunDirError(
             f"{out} already holds a run; pass resume={str(out)!r} (--resume {out}) to continue "
             "it, or choose another out dir"
@@ -125,9 +129,28 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     return out
 
 
+# What a run writes besides its checkpoint; a new start in a dir without a checkpoint replaces
+# these, a resume drops what the checkpoint does not account for.
+_RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png")
+
+
+def remove_temporary_files(out: Path) -> None:
+    """Half-written files of a crashed write (atomic writes go through *.tmp files)."""
+    for path in out.glob("*.tmp"):
+        path.unlink(missing_ok=True)
+    for path in out.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+    for path in out.glob("*.tmp.png"):
+        path.unlink(missing_ok=True)
+
+
 def write_config(out: Path, cfg: TrainConfig, **facts: Any) -> None:
-    """config.json: the resolved config, the library versions and facts of the run's data."""
+    """config.json: the resolved config, the library versions and facts of the run's data.
+    Files of an earlier start in this dir that never reached a checkpoint are removed."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(out)
+    for name in _RUN_FILES:
+        (out / name).unlink(missing_ok=True)
     saved = {"config": cfg.to_dict(), "versions": versions(), **facts}
     atomic_write_text(out / "config.json", json.dumps(saved, indent=2))
 
@@ -138,7 +161,27 @@ def append_metrics(out: Path, record: dict) -> None:
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def keep_metrics_before(out: Path, epoch: int) -> None:
+    """Drop the metrics of epochs >= `epoch` (and a torn last line): after a crash between an
+    epoch's metrics line and its checkpoint, the resumed run logs that epoch again."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the crash
+            continue
+        if record.get("epoch", epoch) < epoch:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 def write_checkpoint(out: Path, model: nn.Module, cfg: TrainConfig, train_state: dict) -> Path:
@@ -152,13 +195,22 @@ def write_checkpoint(out: Path, model: nn.Module, cfg: TrainConfig, train_state:
     )
 
 
-def load_resume(resume_dir: str | os.PathLike, options: dict) -> tuple[TrainConfig, dict]:
-    """The saved config and checkpoint of the run in `resume_dir`. `options` given with the
-    resume must equal the saved ones (a resumed run continues with its saved config)."""
-    path = Path(resume_dir) / CHECKPOINT_NAME
+def load_resume(resume_dir: str | os.PathLike,
+                options: dict) -> tuple[TrainConfig, dict, Path]:
+    """The saved config, the checkpoint and the run dir of the run in `resume_dir` (a run dir,
+    or the checkpoint in it). `options` given with the resume must equal the saved ones (a
+    resumed run continues with its saved config)."""
+    run_dir = Path(resume_dir)
+    if run_dir.is_file() and run_dir.name == CHECKPOINT_NAME:  # the checkpoint inside was named
+        run_dir = run_dir.parent
+    path = run_dir / CHECKPOINT_NAME
+    if not run_dir.is_dir():
+        raise MissingFileError(f"cannot resume: there is no run dir {run_dir}")
     if not path.is_file():
-        raise MissingFileError(
-            f"cannot resume: {path} does not exist (is {resume_dir} a run dir?)"
+        raise RunDirError(
+            f"cannot resume {run_dir}: it holds no {CHECKPOINT_NAME} (the run stopped before its "
+            f"first checkpoint), so there is nothing to continue; start it again with the same "
+            f"options and --out-dir {run_dir}"
         )
     checkpoint = load_checkpoint(path)
     saved = checkpoint.get("extra", {}).get("train_state")
@@ -174,7 +226,7 @@ def load_resume(resume_dir: str | os.PathLike, options: dict) -> tuple[TrainConf
                 f"cannot change {key} on resume (run has {current[key]!r}, got {value!r}); "
                 "a resumed run continues with its saved config"
             )
-    return cfg, checkpoint
+    return cfg, checkpoint, run_dir
 
 
 class StopRequest:

@@ -1,5 +1,6 @@
 """fastacl.data.augmentation: the batched pipeline against the per-image definitions (fixed
-parameters), and the random parameters against the spec's rates (statistical, 5 sigma)."""
+parameters), and the random parameters against the rates of docs/acl-air.md section 1
+(statistical, 5 sigma)."""
 
 import math
 
@@ -263,7 +264,7 @@ def test_flip_jitter_grayscale_rates_and_factor_ranges(strength):
 @pytest.mark.parametrize("strength", STRENGTHS)
 def test_rates_measured_on_the_outputs(strength):
     """Flip, jitter and grayscale detected from the augmented images agree image by image with
-    the drawn parameters (so their rates are the spec's, tested above)."""
+    the drawn parameters (so their rates are the documented ones, tested above)."""
     n = 3000
     g = _generator(14)
     params = A.sample_augment_params(n, (8, 8), strength, g)
@@ -321,7 +322,7 @@ def test_errors_name_the_bad_value_and_the_choices():
 
 
 def test_dynaug_strength_schedule():
-    """spec section 1: 1.00 for epochs 1-50, 0.95 for 51-100, ..., 0.05 for 951-1000."""
+    """docs/acl-air.md section 1: 1.00 for epochs 1-50, 0.95 for 51-100, ..., 0.05 for 951-1000."""
     assert A.dynaug_strength(1, 1000) == 1.0
     assert A.dynaug_strength(50, 1000) == 1.0
     assert A.dynaug_strength(51, 1000) == 0.95
