@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastacl",
         description="Fast adversarial contrastive learning: ACL, DynACL, AIR and RCS.",
+        epilog="--debug (anywhere): show the traceback of an error reported in one sentence.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser(
@@ -235,9 +237,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# OS errors a user can fix (a path that is missing, unwritable, full or of the wrong kind):
+# one sentence each, like fastacl's own errors. Any other OSError is unexpected and keeps its
+# traceback.
+_FIXABLE_OS_ERRORS = {
+    errno.ENOENT: "it does not exist",
+    errno.EACCES: "permission denied: choose a path you can write, e.g. another --out-dir",
+    errno.EPERM: "permission denied: choose a path you can write, e.g. another --out-dir",
+    errno.EROFS: "the file system is read-only: choose another --out-dir",
+    errno.ENOSPC: "no space left on the device: free some space or choose another --out-dir",
+    errno.EDQUOT: "disk quota exceeded: free some space or choose another --out-dir",
+    errno.EISDIR: "it is a directory, where a file was expected",
+    errno.ENOTDIR: "a part of the path is a file, where a directory was expected",
+}
+_WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The one-sentence message for an error the user can fix, or None for a bug."""
+    if isinstance(err, FastaclError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in _FIXABLE_OS_ERRORS:
+        where = f" {err.filename}" if err.filename else ""
+        text = f"cannot use{where}: {_FIXABLE_OS_ERRORS[err.errno]}"
+        if err.errno in _WRITE_ERRORS:  # fastacl writes through temporary files and renames
+            text += "; what was written before (the last checkpoint) is intact"
+        return text
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    # --debug anywhere: show the traceback of an error that would otherwise be one sentence.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv[:1] == ["bench"]:  # everything after `bench` is the benchmark's own
         args = argparse.Namespace(command="bench", func=_bench, bench_args=argv[1:])
     else:
@@ -247,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except FastaclError as err:
-        # Bad input the user can fix: one sentence, no traceback. Anything else is a bug and
-        # keeps its traceback.
-        print(f"fastacl: error: {err}", file=sys.stderr)
+    except (FastaclError, OSError) as err:
+        message = _user_error(err)
+        if message is None or debug:
+            raise
+        print(f"fastacl: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

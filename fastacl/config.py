@@ -348,6 +348,9 @@ def _check_positive_int(value: Any, name: str, minimum: int = 1, why: str = "") 
 
 
 def _check_budget(value: Any, name: str) -> None:
+    if isinstance(value, str):
+        raise ConfigError(f"{name} must be a number in (0, 1], got the string {value!r}: pass "
+                          "8 / 255, not '8/255' (the command line accepts 8/255)")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         raise ConfigError(f"{name} must be in (0, 1], got {value!r}: pixel values are in [0, 1]"
                           + (f"; did you mean {value:g}/255?" if isinstance(value, (int, float))
@@ -358,6 +361,12 @@ def _check_run(cfg: TrainConfig) -> None:
     _check_positive_int(cfg.seed, "seed", minimum=0)
     if not re.fullmatch(r"cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.device.startswith("cuda"):
+        index = int(cfg.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {cfg.device} was asked for but torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s); use --device cpu "
+                              "or auto")
 
 
 def _check_data(cfg: TrainConfig) -> None:

@@ -115,14 +115,15 @@ def progress(total: int, desc: str, enabled: bool | None = True, unit: str = "st
              initial: int = 0, interval: float = 30.0):
     """A progress display for `total` units of work.
 
-    A tqdm bar when stderr is a terminal; otherwise a plain line every `interval` seconds.
-    enabled=False shows nothing (ranks other than 0 under DDP); None: a bar on a terminal only.
+    A tqdm bar when stderr is a terminal; otherwise (nohup, a log file, a cluster job) a plain
+    line every `interval` seconds. enabled=False shows nothing (ranks other than 0 under DDP,
+    callers that report themselves); None is the same as True.
     initial: units already done (a resumed epoch); they do not count towards the rate.
     """
     from tqdm.auto import tqdm
 
     terminal = sys.stderr.isatty()
-    if enabled is False or (enabled is None and not terminal):
+    if enabled is False:
         return tqdm(total=total, disable=True)
     if terminal:
         return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,

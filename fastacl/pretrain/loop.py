@@ -167,6 +167,8 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None) -> _Run:
     rank, world_size = distributed.rank(), distributed.world_size()
     device = distributed.rank_device(cfg.device)
     images, _ = load_dataset(cfg.data.dataset, cfg.data.data_dir, split="train")
+    if cfg.eval.enabled:  # the closing check reads the test split: a bad one fails now
+        load_dataset(cfg.data.dataset, cfg.data.data_dir, split="test")
     if cfg.data.max_train is not None:
         images = images[: cfg.data.max_train]
     # The pool: the training images less the RCS validation set U, held out in every run
