@@ -8,7 +8,8 @@
    extra_info: images_per_s = attacked images (2N views) per second.
 2. The PGD update on one [256, 3, 32, 32] batch: fastacl.ops.pgd_step_ ("fused": in place; the
    Triton kernel on CUDA, the in-place reference on the CPU) against the canonical form as
-   separate out-of-place PyTorch ops ("unfused").
+   separate out-of-place PyTorch ops ("unfused"). On CUDA the fused step also reports the
+   fraction of its H100 SXM memory bound it reaches (extra_info; benchmarks/roofline.py).
 
     python -m pytest benchmarks/bench_attacks.py            CPU suites; GPU ones need CUDA
     OMP_NUM_THREADS=1 python -m pytest benchmarks/bench_attacks.py     on a shared CPU machine
@@ -23,6 +24,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+try:  # run as a script (python benchmarks/bench_x.py) or collected by pytest from the root
+    from roofline import fraction_of_bound, pgd_step_costs
+except ImportError:
+    from benchmarks.roofline import fraction_of_bound, pgd_step_costs
 from fastacl.attacks import pgd_contrastive
 from fastacl.models import resnet18_acl
 from fastacl.ops import nt_xent, pgd_step_
@@ -132,3 +137,9 @@ def test_pgd_step(benchmark, device, implementation):
     benchmark.group = f"pgd_step [256, 3, 32, 32] fp32 {device}"
     benchmark.extra_info.update(implementation=implementation, elements=x_nat.numel())
     benchmark.pedantic(run, rounds=50, warmup_rounds=5)
+    if device == "cuda" and implementation == "fused":
+        # one read of x_adv, grad, x_nat and one write against HBM (benchmarks/roofline.py);
+        # the median includes the synchronize, so small batches read low
+        fraction = fraction_of_bound(pgd_step_costs(shape), benchmark.stats.stats.median)
+        benchmark.extra_info["fraction_of_h100_bound"] = round(fraction, 4)
+        print(f"pgd_step fused {list(shape)}: {fraction:.1%} of the H100 SXM bound")

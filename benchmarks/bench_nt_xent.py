@@ -6,8 +6,9 @@ formulation ("torch": nt_xent_reference under autograd, the 2N x 2N logits in me
 
 Peak memory is what one forward + backward allocates above the inputs (torch.cuda peak stats),
 in benchmark.extra_info["peak_mib"]. fp32 runs are full fp32 on both sides (no TF32) unless
-torch.backends.cuda.matmul.allow_tf32 is set, which the kernels follow. No CPU suite: the CPU
-path is the plain formulation itself.
+torch.backends.cuda.matmul.allow_tf32 is set, which the kernels follow. "of bound" is the H100 SXM
+lower bound of the kernels' work (benchmarks/roofline.py, docs/gpu-compile.md) over the time
+"ours" took: 100 % would be the peak. No CPU suite: the CPU path is the plain formulation itself.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 
 try:  # run as a script (python benchmarks/bench_x.py) or collected by pytest from the root
     from gpu_measure import peak_mib, provenance
+    from roofline import bound_seconds, fraction_of_bound, nt_xent_costs
 except ImportError:
     from benchmarks.gpu_measure import peak_mib, provenance
+    from benchmarks.roofline import bound_seconds, fraction_of_bound, nt_xent_costs
 from fastacl import ops
 from fastacl.ops.nt_xent import nt_xent_reference
 
@@ -37,6 +40,12 @@ def _torch(z1, z2):
 
 
 IMPLEMENTATIONS = {"ours": _ours, "torch": _torch}
+
+
+def _costs(n, d, dtype):
+    """The kernels' work, on the dot path the launchers take (TF32 where torch allows it)."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    return nt_xent_costs(n, d, name, tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 def _inputs(n, d, dtype):
@@ -82,6 +91,10 @@ def test_nt_xent_forward_backward(benchmark, implementation, dtype, n, d):
         peak_mib=round(peak, 1),
     )
     benchmark.pedantic(synchronized_step, rounds=10, warmup_rounds=2)
+    if implementation == "ours":
+        fraction = fraction_of_bound(_costs(n, d, DTYPES[dtype]), benchmark.stats.stats.median)
+        benchmark.extra_info["fraction_of_h100_bound"] = round(fraction, 4)
+        print(f"nt_xent ours {dtype} N={n} d={d}: {fraction:.1%} of the H100 SXM bound")
 
 
 def main() -> None:
@@ -90,7 +103,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_nt_xent needs a CUDA GPU")
     print(f"NT-Xent forward + backward, t = {TEMPERATURE}: {provenance()}")
-    header = ("dtype", "N", "d", "ms ours", "ms torch", "torch/ours", "MiB ours", "MiB torch")
+    header = ("dtype", "N", "d", "ms ours", "ms torch", "torch/ours", "MiB ours", "MiB torch",
+              "us bound", "of bound")  # fmt: skip
     print(" | ".join(f"{h:>9}" for h in header))
     for dtype_name, dtype in DTYPES.items():
         for n, d in SIZES:
@@ -105,6 +119,7 @@ def main() -> None:
                     ms[name] = mib[name] = float("nan")
                 del z1, z2, step
                 torch.cuda.empty_cache()
+            costs = _costs(n, d, dtype)
             row = (
                 dtype_name,
                 n,
@@ -114,6 +129,8 @@ def main() -> None:
                 ms["torch"] / ms["ours"],
                 mib["ours"],
                 mib["torch"],
+                bound_seconds(costs) * 1e6,
+                f"{fraction_of_bound(costs, ms['ours'] / 1e3):.1%}",
             )
             print(" | ".join(f"{v:>9.3f}" if isinstance(v, float) else f"{v:>9}" for v in row))
 

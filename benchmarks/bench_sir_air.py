@@ -5,8 +5,10 @@ PyTorch formulation ("torch": sir_reference / air_reference under autograd).
     python benchmarks/bench_sir_air.py                a table (triton.testing.do_bench medians)
 
 Peak memory is what one forward + backward allocates above the inputs (torch.cuda peak stats),
-in benchmark.extra_info["peak_mib"]. Both forms cost the same; the exact one is timed. No CPU
-suite: the CPU path is the reference itself.
+in benchmark.extra_info["peak_mib"]. Both forms cost the same; the exact one is timed. "of bound"
+is the H100 SXM lower bound of the kernels' work (benchmarks/roofline.py, docs/gpu-compile.md)
+over the time "ours" took: 100 % would be the peak. No CPU suite: the CPU path is the reference
+itself.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 
 try:  # run as a script (python benchmarks/bench_x.py) or collected by pytest from the root
     from gpu_measure import peak_mib, provenance
+    from roofline import bound_seconds, fraction_of_bound, sir_air_costs
 except ImportError:
     from benchmarks.gpu_measure import peak_mib, provenance
+    from benchmarks.roofline import bound_seconds, fraction_of_bound, sir_air_costs
 from fastacl import ops
 from fastacl.ops.sir_air import air_reference, sir_reference
 
@@ -76,6 +80,11 @@ def test_sir_air_forward_backward(benchmark, op, implementation, dtype, n, d):
         peak_mib=round(peak, 2),
     )
     benchmark.pedantic(synchronized_step, rounds=20, warmup_rounds=3)
+    if implementation == "ours":
+        costs = sir_air_costs(op, n, d, dtype)
+        fraction = fraction_of_bound(costs, benchmark.stats.stats.median)
+        benchmark.extra_info["fraction_of_h100_bound"] = round(fraction, 4)
+        print(f"{op} ours {dtype} N={n} d={d}: {fraction:.1%} of the H100 SXM bound")
 
 
 def main() -> None:
@@ -86,7 +95,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     print(f"SIR / AIR forward + backward, t = {TEMPERATURE}, exact form: {provenance()}")
     header = ("device", "op", "dtype", "N", "d", "ms ours", "ms torch", "torch/ours",
-              "MiB ours", "MiB torch")  # fmt: skip
+              "MiB ours", "MiB torch", "us bound", "of bound")  # fmt: skip
     print(" | ".join(f"{h:>9}" for h in header))
     for op, (count, _, _) in OPS.items():
         for dtype_name, dtype in DTYPES.items():
@@ -98,8 +107,11 @@ def main() -> None:
                     ms[implementation] = triton.testing.do_bench(step, return_mode="median")
                     del step
                     torch.cuda.empty_cache()
+                costs = sir_air_costs(op, n, d, dtype_name)
                 row = (device, op, dtype_name, n, d, ms["ours"], ms["torch"],
-                       ms["torch"] / ms["ours"], mib["ours"], mib["torch"])  # fmt: skip
+                       ms["torch"] / ms["ours"], mib["ours"], mib["torch"],
+                       bound_seconds(costs) * 1e6,
+                       f"{fraction_of_bound(costs, ms['ours'] / 1e3):.1%}")  # fmt: skip
                 print(" | ".join(f"{v:>9.3f}" if isinstance(v, float) else f"{v:>9}" for v in row))
 
 

@@ -94,8 +94,10 @@ def frozen_eval(model: nn.Module) -> Iterator[None]:
 
 # ---- input checks ------------------------------------------------------------------------------
 
-def _check_images(op: str, **images: torch.Tensor) -> None:
-    """Clean images [N, ...] in [0, 1], floating point, all the same shape, dtype and device."""
+def _check_images(op: str, check_range: bool = True, **images: torch.Tensor) -> None:
+    """Clean images [N, ...] in [0, 1], floating point, all the same shape, dtype and device.
+    check_range=False skips the [0, 1] check, the only one that reads values back to the host
+    (on a GPU, a synchronisation)."""
     first_name, first = next(iter(images.items()))
     for name, x in images.items():
         if not isinstance(x, torch.Tensor):
@@ -116,6 +118,8 @@ def _check_images(op: str, **images: torch.Tensor) -> None:
                 f"{op}: {name} is {x.dtype} on {x.device} but {first_name} is "
                 f"{first.dtype} on {first.device}"
             )
+        if not check_range:
+            continue
         low, high = (v.item() for v in torch.aminmax(x.detach()))
         if not (0 <= low and high <= 1):  # also rejects NaN
             raise ValueError(
@@ -184,6 +188,7 @@ def pgd_contrastive(
     temperature: float = 0.5,
     clip_random_start: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    check_range: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adversarial views for ACL: l_inf PGD maximising NT-Xent over both views jointly.
 
@@ -200,12 +205,15 @@ def pgd_contrastive(
             code, whose first forward sees x + delta unclipped.
         autocast_dtype: torch.bfloat16 runs the model forward under autocast (sign() makes the
             step insensitive to bf16 gradient noise); fp16 is refused.
+        check_range: check that the views are in [0, 1]. The check reads their range back to
+            the host (a device synchronisation); the trainer, whose views are in [0, 1] by
+            construction (uint8 data, augmented in [0, 1]), turns it off.
 
     Returns:
         (x1_adv, x2_adv), detached, same shape and dtype as the views.
     """
     op = "pgd_contrastive"
-    _check_images(op, x1=x1, x2=x2)
+    _check_images(op, check_range, x1=x1, x2=x2)
     if x1.shape[0] < 2:
         raise ValueError(f"{op}: NT-Xent needs a batch of N >= 2 images, got N = {x1.shape[0]}")
     eps, step_size = check_budget(op, eps, step_size)

@@ -8,8 +8,8 @@ import importlib
 import json
 import os
 import platform
+import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from fastacl.config import option_fields
 from fastacl.errors import ConfigError, FastaclError, MissingFileError
 from fastacl.ops import extension_status, requested_backend
 from fastacl.ops._dispatch import triton_available, triton_interpreter
+from fastacl.utils import atomic_write_text
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -106,10 +107,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(result, file, indent=2)
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(result, indent=2))
     attacks = result["attacks"]
     columns = ["standard acc."] + [{"pgd20": "PGD-20", "autoattack": "AutoAttack"}[a]
                                    for a in attacks]
@@ -253,12 +251,23 @@ _FIXABLE_OS_ERRORS = {
 _WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
+def _written_file(name) -> str:
+    """The file a temporary one stands for (atomic writes go through .NAME.XXXX.tmp and
+    NAME.tmp files): users know checkpoint.pt, not .checkpoint.pt.k2j1.tmp."""
+    path = Path(os.fsdecode(name))
+    for pattern in (r"\.(.+)\.[^.]+\.tmp", r"(.+)\.tmp(\.png)?"):
+        match = re.fullmatch(pattern, path.name)
+        if match:
+            return str(path.with_name(match.group(1)))
+    return str(path)
+
+
 def _user_error(err: BaseException) -> str | None:
     """The one-sentence message for an error the user can fix, or None for a bug."""
     if isinstance(err, FastaclError):
         return str(err)
     if isinstance(err, OSError) and err.errno in _FIXABLE_OS_ERRORS:
-        where = f" {err.filename}" if err.filename else ""
+        where = f" {_written_file(err.filename)}" if err.filename else ""
         text = f"cannot use{where}: {_FIXABLE_OS_ERRORS[err.errno]}"
         if err.errno in _WRITE_ERRORS:  # fastacl writes through temporary files and renames
             text += "; what was written before (the last checkpoint) is intact"

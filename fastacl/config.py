@@ -17,7 +17,6 @@ Algorithm constants are explained in docs/acl-air.md and docs/rcs.md (sections c
 from __future__ import annotations
 
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 
 from fastacl.errors import ConfigError
-from fastacl.utils import check_choice
+from fastacl.utils import check_choice, check_device
 
 METHODS = ("cl", "acl", "acl-air", "dynacl", "dynacl-air")
 PRESETS = ("demo", "paper")
@@ -359,14 +358,7 @@ def _check_budget(value: Any, name: str) -> None:
 
 def _check_run(cfg: TrainConfig) -> None:
     _check_positive_int(cfg.seed, "seed", minimum=0)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if cfg.device.startswith("cuda"):
-        index = int(cfg.device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {cfg.device} was asked for but torch sees "
-                              f"{torch.cuda.device_count()} CUDA device(s); use --device cpu "
-                              "or auto")
+    check_device(cfg.device)
 
 
 def _check_data(cfg: TrainConfig) -> None:

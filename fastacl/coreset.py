@@ -61,6 +61,7 @@ from fastacl.models.dual_bn import bn_branch
 from fastacl.models.folded import can_fold, folded_for_attack
 from fastacl.ops import greedy_pick, nt_xent, rcs_project
 from fastacl.utils import check_choice
+from fastacl.utils import progress as progress_bar
 
 __all__ = [
     "BUDGET_ROUNDINGS",
@@ -341,6 +342,7 @@ def select_coreset(
     attack_generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     fold_bn: bool = True,
+    progress: bool | None = True,
 ) -> CoresetSelection:
     """One RCS selection round (docs/rcs.md section 3; the module docstring states the choices).
 
@@ -373,6 +375,9 @@ def select_coreset(
         fold_bn: run the frozen eval-mode model (pool pass, U's attack and features) through
             its folded mirrors (fastacl.models.folded): the same function up to float rounding,
             without the BN kernels. Only fastacl's ResNet-18 folds; other models run as they are.
+        progress: show the pass over the pool (minibatches) and the greedy loop (images picked)
+            through fastacl.utils.progress: a bar on a terminal, else a line every 30 s; False
+            (ranks other than 0 under DDP) shows nothing. It changes no result.
     """
     start_time = time.perf_counter()
     _check_round_options(granularity=granularity, refresh=refresh, divergence=divergence,
@@ -392,6 +397,7 @@ def select_coreset(
             eps=eps, step_size=step_size, attack_steps=attack_steps, temperature=temperature,
             strength=strength, interpolation=interpolation, generator=generator,
             attack_generator=attack_generator, autocast_dtype=autocast_dtype, fold_bn=fold_bn,
+            progress=progress,
         )
         pass_seconds = time.perf_counter() - start_time
         rd = _ValidationGradient(
@@ -404,7 +410,8 @@ def select_coreset(
         picks, chosen = _greedy(candidates, rd, v, layers, bias, budget=budget,
                                 max_picks=max_picks, simulated_lr=simulated_lr,
                                 simulated_steps=simulated_steps,
-                                reattack_every=1 if refresh == "exact" else int(refresh_every))
+                                reattack_every=1 if refresh == "exact" else int(refresh_every),
+                                progress=progress)
     return CoresetSelection(
         indices=torch.cat(chosen), elements=candidates.elements, picks=picks,
         initial_gains=initial_gains, budget=budget, seconds=time.perf_counter() - start_time,
@@ -416,34 +423,53 @@ def select_coreset(
 
 def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, layers, bias, *,
             budget: int, max_picks: int | None, simulated_lr: float, simulated_steps: int,
-            reattack_every: int) -> tuple[list[int], list[torch.Tensor]]:
+            reattack_every: int, progress: bool | None = True
+            ) -> tuple[list[int], list[torch.Tensor]]:
     """The greedy loop (docs/rcs.md section 3, step 3) from v at phi0: (picks, their images).
 
     Pick e* = argmax over unpicked elements of <r_e, v>; unless it was the last pick, simulate
     phi <- phi - eta' G_e* and refresh v at the new phi (re-attacking U every `reattack_every`
     picks). The last pick is truncated to the budget, unless `max_picks` (the published flooring
     to whole minibatches) ends the round first.
+
+    The picks stay on the device until the round ends (one read-back per round, not per pick),
+    when every element holds as many images and rows (sample granularity, or minibatches of
+    one size): then how many images a pick adds is known without reading it. Otherwise each
+    pick is read back to count its images.
     """
-    taken = torch.zeros(len(candidates.elements), dtype=torch.bool,
-                        device=candidates.projections.device)
-    picks, chosen, count = [], [], 0
+    device = candidates.projections.device
+    taken = torch.zeros(len(candidates.elements), dtype=torch.bool, device=device)
+    sizes = [element.numel() for element in candidates.elements]
+    rows = [b - a for a, b in zip(candidates.offsets, candidates.offsets[1:], strict=False)]
+    uniform = len(set(sizes)) == 1 and len(set(rows)) == 1
+    picks, count = [], 0
+    # In images: one unit per picked image whatever the granularity (a flooring round ends
+    # short of the budget).
+    bar = progress_bar(budget, "RCS greedy selection", progress, unit="img")
     while count < budget and (max_picks is None or len(picks) < max_picks):
-        element = int(greedy_pick(candidates.projections, v, taken))
-        if element < 0:  # cannot happen: the pool holds more than the budget
-            break
+        element = greedy_pick(candidates.projections, v, taken)
+        index = None if uniform else int(element)  # a read-back, only when sizes differ
         picks.append(element)
-        images = candidates.elements[element]
-        if max_picks is None:
-            images = images[: budget - count]  # truncate the last pick to the budget
-        chosen.append(images)
-        count += images.numel()
+        size = sizes[0] if uniform else sizes[index]
+        added = size if max_picks is not None else min(size, budget - count)
+        count += added
+        bar.update(added)
         if count >= budget or len(picks) == max_picks:
             break  # the last pick: no simulated step
-        _simulated_step(layers, _element_gradient(candidates, element, bias), simulated_lr,
-                        simulated_steps)
+        gradient = _element_gradient(candidates, element if uniform else index, bias)
+        _simulated_step(layers, gradient, simulated_lr, simulated_steps)
         if len(picks) % reattack_every == 0:
             rd.reattack()
         v = rd.projection()
+    bar.close()
+    picks = torch.stack(picks).tolist()  # the round's one read-back
+    if min(picks) < 0:  # cannot happen: the pool holds more than the budget
+        raise RuntimeError("RCS greedy loop: ran out of candidates before the budget")
+    chosen, left = [], budget
+    for pick in picks:
+        images = candidates.elements[pick]
+        chosen.append(images if max_picks is not None else images[:left])
+        left -= chosen[-1].numel()
     return picks, chosen
 
 
@@ -541,6 +567,14 @@ class _Candidates:
     offsets: list[int]  # element e owns rows offsets[e]:offsets[e + 1]
     scales: list[float]
 
+    def on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """offsets and scales as tensors on the projections' device (copied once)."""
+        if not hasattr(self, "_device_copies"):
+            device = self.projections.device
+            self._device_copies = (torch.tensor(self.offsets, device=device),
+                                   torch.tensor(self.scales, dtype=torch.float64, device=device))
+        return self._device_copies
+
     @staticmethod
     def concatenate(parts: list[_Candidates]) -> _Candidates:
         """The candidates of several minibatches, in order, as one."""
@@ -562,7 +596,7 @@ class _Candidates:
 def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
                          step_size, attack_steps, temperature, strength, interpolation,
                          generator, attack_generator, autocast_dtype=None,
-                         fold_bn=True) -> _Candidates:
+                         fold_bn=True, progress: bool | None = True) -> _Candidates:
     """Step 1 of the round: one pass over the shuffled pool in augmented minibatches, the
     adversarial views by PGD, and each element's (H, Delta) rows and projection r_e at phi0."""
     order = pool[torch.randperm(pool.numel(), generator=generator)]
@@ -571,7 +605,9 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
     attacked = _on_branch(model, "adv", fold_bn)
     encoder_adv, encoder_nat = (_encoder(model, branch, fold_bn) for branch in ("adv", "normal"))
     parts = []
-    for index in _minibatches(order, batch_size):
+    minibatches = _minibatches(order, batch_size)
+    bar = progress_bar(len(minibatches), "RCS pass over the pool", progress, unit="batch")
+    for index in minibatches:
         x1, x2, _ = dataset.views(index, strength, generator, interpolation)
         x1_adv, x2_adv = pgd_contrastive(attacked, x1, x2, eps=eps, step_size=step_size,
                                          steps=attack_steps, generator=attack_generator,
@@ -581,6 +617,8 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
         f_nat = _features(encoder_nat, torch.cat([x1, x2]), rows, autocast_dtype)
         h, delta = _pairs_by_image(model, layers, f_adv, f_nat, loss)
         parts.append(_minibatch_candidates(index, h, delta, bias, granularity))
+        bar.update(1)
+    bar.close()
     return _Candidates.concatenate(parts)
 
 
@@ -621,10 +659,22 @@ def _minibatch_candidates(index, h, delta, bias, granularity) -> _Candidates:
     return _Candidates([index.cpu()], r, h, delta, offsets=[0, 4 * b], scales=[1.0])
 
 
-def _element_gradient(candidates: _Candidates, element: int, bias):
-    """G_e per layer as (weight gradient [out, in], bias gradient [out] or None), from its rows."""
-    rows = slice(candidates.offsets[element], candidates.offsets[element + 1])
-    scale = candidates.scales[element]
+def _element_gradient(candidates: _Candidates, element: int | torch.Tensor, bias):
+    """G_e per layer as (weight gradient [out, in], bias gradient [out] or None), from its rows.
+
+    element: a Python int, or a 0-d device tensor when every element has as many rows (its rows
+    are then gathered on the device: no read-back).
+    """
+    if isinstance(element, torch.Tensor):
+        # index_select, not t[element]: indexing by a 0-d tensor would read it back.
+        offsets, scales = candidates.on_device()
+        count = candidates.offsets[1] - candidates.offsets[0]
+        rows = (offsets.index_select(0, element.view(1))
+                + torch.arange(count, device=element.device))
+        scale = scales.index_select(0, element.view(1)).reshape(())  # 0-d: no type promotion
+    else:
+        rows = slice(candidates.offsets[element], candidates.offsets[element + 1])
+        scale = candidates.scales[element]
     grads = []
     for h, delta, has_bias in zip(candidates.inputs, candidates.grad_outputs, bias, strict=True):
         d = delta[rows] * scale

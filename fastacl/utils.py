@@ -23,6 +23,27 @@ def check_choice(name: str, value, choices: Sequence) -> object:
     return value
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """"auto" (CUDA if torch sees it, else the CPU), "cpu", "cuda" or "cuda:N", checked against
+    what torch sees: a ConfigError names the device and the fix."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device} was asked for but torch sees no CUDA device; "
+                              "use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device} was asked for but torch sees "
+                              f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return resolved
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DataParallel / DistributedDataParallel / torch.compile wrappers.
 
@@ -39,10 +60,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers never see half."""
+    """Write `text` to `path` through a temporary file and a rename: readers never see half,
+    and a failed write (a full disk) leaves the previous file and no temporary."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _git_commit() -> str | None:
@@ -108,7 +134,8 @@ class _LogLines:
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        pass
+        if self.last > self.start:  # a line was written: say where the work ended
+            self._write(time.monotonic())
 
 
 def progress(total: int, desc: str, enabled: bool | None = True, unit: str = "step",

@@ -1,4 +1,4 @@
-"""Triton kernels of NT-Xent (spec/acl-air.md section 4): tiled, never materialising 2N x 2N.
+"""Triton kernels of NT-Xent (docs/acl-air.md section 4): tiled, never materialising 2N x 2N.
 
 Notation (the SimCLR paper's): the 2N rows z_a of cat(z1, z2) are L2-normalised to u_a, the
 similarity is S_ab = u_a . u_b, the logits are S_ab / t, anchor a's positive is pos(a) = a + N
@@ -35,12 +35,13 @@ matmuls (torch.backends.cuda.matmul.allow_tf32), so the kernel is as precise as 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 LOG2E = math.log2(math.e)
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)  # the same number, readable inside kernels
@@ -208,7 +209,54 @@ def _normalize_rows_backward_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers. Block sizes are starting points, not tuned on a GPU yet (see benchmarks/).
+# Launch configurations, per target and dot path (kernels/_launch.py; the compile check's table is
+# in docs/gpu-compile.md). Each is the largest tile among those tried that compiles on its target
+# without a register spill; none is timed on a GPU yet. The dot paths:
+#   "mma"   bf16 / fp16 inputs, and fp32 with TF32 allowed: tensor cores, operands stream from
+#           shared memory, so the 64 x 64 tiles of the first version stay.
+#   "ieee"  exact fp32 products: FMAs, for which Triton keeps each thread's rows and columns of a
+#           whole chunk of d in registers. 64-wide chunks spilled on both targets (up to 2 KiB a
+#           thread on sm_80), so the chunks are 32 wide and the tiles sized to each target's ptxas.
+# d > 128 is "wide": the backward's output slice (BLOCK_DV) is 256 wide there.
+
+# target -> dot path -> forward config
+_FORWARD = {
+    "sm_80": {
+        "mma": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4),
+        "ieee": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8),
+    },
+    "sm_90": {
+        "mma": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4),
+        "ieee": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4),
+    },
+}
+# target -> dot path -> wide -> backward config (BLOCK_D and BLOCK_DV: the largest chunk, a
+# narrower d gets the next power of two)
+_BACKWARD = {
+    "sm_80": {
+        "mma": {
+            False: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=128, num_warps=8),
+            True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=256, num_warps=8),
+        },
+        # fp32 through TF32 at d > 128: 64-wide chunks leave no register to spare (255)
+        "tf32": {True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=256, num_warps=8)},
+        "ieee": {
+            False: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, BLOCK_DV=128, num_warps=8),
+            True: dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, BLOCK_DV=256, num_warps=8),
+        },
+    },
+    "sm_90": {
+        "mma": {
+            False: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=128, num_warps=8),
+            True: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, BLOCK_DV=256, num_warps=8),
+        },
+        "ieee": {
+            False: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, BLOCK_DV=128, num_warps=8),
+            True: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=32, BLOCK_DV=256, num_warps=8),
+        },
+    },
+}
+WIDE_D = 128  # d above this is "wide"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -218,9 +266,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _on_device(tensor: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+def _dot_path(dtype: torch.dtype) -> str:
+    """"mma" (tensor cores: 16-bit inputs, or fp32 as TF32) or "ieee" (fp32 FMAs)."""
+    return "ieee" if dtype == torch.float32 and _dot_precision(dtype) == "ieee" else "mma"
+
+
+def forward_config(dtype: torch.dtype, d: int, capability: tuple[int, int]) -> dict:
+    """The forward kernel's constexprs and num_warps for inputs of `dtype` and width d."""
+    config = dict(_FORWARD[_launch.target(capability)][_dot_path(dtype)])
+    config["BLOCK_D"] = _chunk(d, config["BLOCK_D"])
+    return config
+
+
+def backward_config(dtype: torch.dtype, d: int, capability: tuple[int, int]) -> dict:
+    """The backward kernel's constexprs and num_warps for inputs of `dtype` and width d."""
+    table = _BACKWARD[_launch.target(capability)]
+    path, wide = _dot_path(dtype), d > WIDE_D
+    if path == "mma" and _dot_precision(dtype) == "tf32" and wide in table.get("tf32", {}):
+        path = "tf32"
+    config = dict(table[path][wide])
+    config["BLOCK_D"] = _chunk(d, config["BLOCK_D"])
+    config["BLOCK_DV"] = _chunk(d, config["BLOCK_DV"])
+    return config
 
 
 def _chunk(d: int, largest: int) -> int:
@@ -243,45 +310,59 @@ def _normalize_rows(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, t
     return u, norms
 
 
+def _overridden(config: dict, **blocks) -> dict:
+    """config with the block sizes a caller gave explicitly (tests cross tile boundaries so)."""
+    return {**config, **{name.upper(): size for name, size in blocks.items() if size}}
+
+
 def nt_xent_forward(
     z1: torch.Tensor, z2: torch.Tensor, temperature: float,
-    block_m: int = 64, block_n: int = 64, block_d: int | None = None,
+    block_m: int | None = None, block_n: int | None = None, block_d: int | None = None,
+    *, capability: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, lse): the mean NT-Xent (0-d, input dtype) and the 2N per-anchor lse (fp32)."""
+    """(loss, lse): the mean NT-Xent (0-d, input dtype) and the 2N per-anchor lse (fp32).
+
+    The config is that of the inputs' GPU, or of `capability` when given (kernels/_launch.py).
+    """
     n, d = z1.shape
-    with _on_device(z1):
+    config = forward_config(z1.dtype, d, _launch.capability_of(z1, capability))
+    config = _overridden(config, block_m=block_m, block_n=block_n, block_d=block_d)
+    with _launch.on_device(z1):
         u, _ = _normalize_rows(z1, z2)
         lse = torch.empty(2 * n, dtype=torch.float32, device=z1.device)
         row_loss = torch.empty(2 * n, dtype=torch.float32, device=z1.device)
-        _nt_xent_forward_kernel[(triton.cdiv(2 * n, block_m),)](
+        _nt_xent_forward_kernel[(triton.cdiv(2 * n, config["BLOCK_M"]),)](
             u, lse, row_loss, n, d, u.stride(0), LOG2E / temperature,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d or _chunk(d, 64),
-            DOT_PRECISION=_dot_precision(z1.dtype),
+            DOT_PRECISION=_dot_precision(z1.dtype), **config,
         )
-    # a sum over 2N numbers: torch's deterministic reduction, not atomics
-    return row_loss.mean().to(z1.dtype), lse
+        # a sum over 2N numbers: torch's deterministic reduction, not atomics
+        return row_loss.mean().to(z1.dtype), lse
 
 
 def nt_xent_backward(
     grad_loss: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, lse: torch.Tensor,
     temperature: float,
-    block_m: int = 64, block_n: int = 64, block_d: int | None = None, block_dv: int | None = None,
+    block_m: int | None = None, block_n: int | None = None, block_d: int | None = None,
+    block_dv: int | None = None,
+    *, capability: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dz1, dL/dz2) in the input dtype, from the forward's lse; grad_loss is 0-d."""
     n, d = z1.shape
-    block_dv = block_dv or _chunk(d, 256)
-    with _on_device(z1):
+    config = backward_config(z1.dtype, d, _launch.capability_of(z1, capability))
+    config = _overridden(config, block_m=block_m, block_n=block_n, block_d=block_d,
+                         block_dv=block_dv)  # fmt: skip
+    with _launch.on_device(z1):
         u, norms = _normalize_rows(z1, z2)
         grad_u = torch.empty((2 * n, d), dtype=torch.float32, device=z1.device)
-        _nt_xent_backward_kernel[(triton.cdiv(2 * n, block_m), triton.cdiv(d, block_dv))](
+        grid = (triton.cdiv(2 * n, config["BLOCK_M"]), triton.cdiv(d, config["BLOCK_DV"]))
+        _nt_xent_backward_kernel[grid](
             u, lse, grad_loss, grad_u, n, d, u.stride(0), grad_u.stride(0),
             LOG2E / temperature, 1.0 / temperature,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d or _chunk(d, 64), BLOCK_DV=block_dv,
-            DOT_PRECISION=_dot_precision(z1.dtype),
-            num_warps=8 if block_dv >= 128 else 4,
+            DOT_PRECISION=_dot_precision(z1.dtype), **config,
         )
         grads = []
-        block_rows, block_d_rows = 16, _chunk(d, 128)
+        # 64-wide chunks: with 128, ptxas for sm_90 spills 8 bytes of this kernel
+        block_rows, block_d_rows = 16, _chunk(d, 64)
         for half, z in enumerate((z1, z2)):
             rows = slice(half * n, (half + 1) * n)
             grad_z = torch.empty((n, d), dtype=z.dtype, device=z.device)

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
+
 LINF_BLOCK = 1024
 L2_BLOCK = 1024
 
@@ -26,8 +28,8 @@ def _sign(g):
 @triton.jit
 def pgd_step_linf_kernel(x_adv_ptr, grad_ptr, x_nat_ptr, n_elements, eps, step_size,
                          BLOCK: tl.constexpr):
-    # The canonical form of spec section 3 on delta = x_adv - x_nat, in the same op order as the
-    # PyTorch reference so that fp32 results agree bit for bit:
+    # The canonical form of docs/acl-air.md section 3 on delta = x_adv - x_nat, in the same op
+    # order as the PyTorch reference so that fp32 results agree bit for bit:
     #   delta <- clip(delta + step * sign(grad), -eps, eps);  x_adv <- clip(x_nat + delta, 0, 1)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
@@ -84,14 +86,17 @@ def pgd_step_linf_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor,
                    step_size: float) -> None:
     n_elements = x_adv.numel()
     grid = (triton.cdiv(n_elements, LINF_BLOCK),)
-    pgd_step_linf_kernel[grid](x_adv, grad, x_nat, n_elements, eps, step_size, BLOCK=LINF_BLOCK)
+    with _launch.on_device(x_adv):
+        pgd_step_linf_kernel[grid](x_adv, grad, x_nat, n_elements, eps, step_size,
+                                   BLOCK=LINF_BLOCK)  # fmt: skip
 
 
 def pgd_step_l2_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: float,
                  step_size: float, grad_norm_floor: float) -> None:
     n_samples = x_adv.shape[0]
     sample_size = x_adv.numel() // n_samples
-    pgd_step_l2_kernel[(n_samples,)](
-        x_adv, grad, x_nat, sample_size, eps, step_size,
-        GRAD_NORM_FLOOR=grad_norm_floor, BLOCK=L2_BLOCK,
-    )
+    with _launch.on_device(x_adv):
+        pgd_step_l2_kernel[(n_samples,)](
+            x_adv, grad, x_nat, sample_size, eps, step_size,
+            GRAD_NORM_FLOOR=grad_norm_floor, BLOCK=L2_BLOCK,
+        )

@@ -1,4 +1,4 @@
-"""Triton kernels of the SIR and AIR regularisers (spec/acl-air.md section 6).
+"""Triton kernels of the SIR and AIR regularisers (docs/acl-air.md section 6).
 
 The math, the autograd wiring and the reference live in fastacl/ops/sir_air.py; this file holds
 only @triton.jit kernels and their launchers.
@@ -52,6 +52,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 # F.normalize's default: a row's norm is clamped to at least this before dividing.
 NORM_EPS = 1e-12
@@ -353,12 +355,13 @@ def sir_air_forward(z_orig, views, natural_views, temperature: float, exact: boo
     z_orig: [N, d]; views: (view i, view j); natural_views: () for SIR, (z^i, z^j) for AIR.
     """
     inputs, factors = _kernel_inputs(z_orig, views, natural_views)
-    similarity, _ = _similarities(inputs, factors)
-    loss = torch.empty((), device=z_orig.device, dtype=torch.float32)
-    _loss_kernel[(1,)](
-        similarity, loss, z_orig.shape[0], 1.0 / temperature,
-        FACTORS=factors, EXACT=exact, BLOCK=REDUCTION_BLOCK,
-    )  # fmt: skip
+    with _launch.on_device(z_orig):
+        similarity, _ = _similarities(inputs, factors)
+        loss = torch.empty((), device=z_orig.device, dtype=torch.float32)
+        _loss_kernel[(1,)](
+            similarity, loss, z_orig.shape[0], 1.0 / temperature,
+            FACTORS=factors, EXACT=exact, BLOCK=REDUCTION_BLOCK,
+        )  # fmt: skip
     return loss
 
 
@@ -367,20 +370,21 @@ def sir_air_backward(
 ) -> list[torch.Tensor]:
     """Gradients of every input, in the order z_orig, *views, *natural_views, in their dtype."""
     inputs, factors = _kernel_inputs(z_orig, views, natural_views)
-    similarity, norms = _similarities(inputs, factors)
     n, d = z_orig.shape
-    coefficient = torch.empty_like(similarity)
-    _coefficient_kernel[(1,)](
-        similarity, grad_loss.contiguous(), coefficient, n, 1.0 / temperature,
-        FACTORS=factors, EXACT=exact, BLOCK=REDUCTION_BLOCK,
-    )  # fmt: skip
-    grads = [torch.empty_like(t) for t in inputs[: 1 + 2 * factors]]
-    # SIR has no natural-view gradients: point them at the view gradients, never written.
-    grad_pointers = grads if factors == 2 else grads + grads[1:]
-    grid, block_n, block_d = _row_launch(n, d)
-    _gradient_kernel[grid](
-        *inputs, similarity, norms, coefficient, *grad_pointers,
-        n, d, inputs[0].stride(0), NORM_EPS,
-        FACTORS=factors, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+    with _launch.on_device(z_orig):
+        similarity, norms = _similarities(inputs, factors)
+        coefficient = torch.empty_like(similarity)
+        _coefficient_kernel[(1,)](
+            similarity, grad_loss.contiguous(), coefficient, n, 1.0 / temperature,
+            FACTORS=factors, EXACT=exact, BLOCK=REDUCTION_BLOCK,
+        )  # fmt: skip
+        grads = [torch.empty_like(t) for t in inputs[: 1 + 2 * factors]]
+        # SIR has no natural-view gradients: point them at the view gradients, never written.
+        grad_pointers = grads if factors == 2 else grads + grads[1:]
+        grid, block_n, block_d = _row_launch(n, d)
+        _gradient_kernel[grid](
+            *inputs, similarity, norms, coefficient, *grad_pointers,
+            n, d, inputs[0].stride(0), NORM_EPS,
+            FACTORS=factors, BLOCK_N=block_n, BLOCK_D=block_d,
+        )  # fmt: skip
     return grads

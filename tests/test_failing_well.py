@@ -18,6 +18,7 @@ docs/failing-well.md (command, what happened before, what happens now).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import json
@@ -102,30 +103,42 @@ KILLS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("where", list(KILLS))
-def test_sigkill_then_resume_equals_an_uninterrupted_run(where, tmp_path, uninterrupted):
-    out = tmp_path / "run"
+def _kill_and_resume(where: str, out: Path) -> dict:
+    """Kill a run at `where`, then continue it (resume, or a new start where no checkpoint was
+    written). Returns what the test checks and the docs table shows."""
     mode, kill_at = KILLS[where]
     child = subprocess.run(
         [sys.executable, "-m", "tests.test_failing_well", "--child", mode, str(out), kill_at],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
-    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    if (out / "checkpoint.pt").exists():
-        result = fastacl.train(resume=out)
-    else:  # nothing to resume: the dir holds no run, and a new start may use it
-        with pytest.raises(fastacl.FastaclError, match="holds no checkpoint.pt"):
+    had_checkpoint = (out / "checkpoint.pt").exists()
+    resume_refused = None
+    if not had_checkpoint:  # nothing to resume: the dir holds no run, and a new start may use it
+        try:
             fastacl.train(resume=out)
-        result = fastacl.train(out_dir=str(out), **RUN)
-    resumed = load_checkpoint(result.checkpoint)["state_dict"]
-    assert resumed.keys() == uninterrupted.keys()
-    for key in resumed:
-        assert torch.equal(resumed[key], uninterrupted[key]), key
+        except fastacl.FastaclError as err:
+            resume_refused = str(err)
+    result = fastacl.train(out_dir=str(out), **RUN) if not had_checkpoint else (
+        fastacl.train(resume=out))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2, 3]
-    assert all(r["epoch_seconds"] > 0 and r["images_per_second"] > 0 for r in records)
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    return {"child": child, "had_checkpoint": had_checkpoint, "resume_refused": resume_refused,
+            "parameters": load_checkpoint(result.checkpoint)["state_dict"], "records": records,
+            "temporary": [p.name for p in out.iterdir() if p.name.endswith(".tmp")]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", list(KILLS))
+def test_sigkill_then_resume_equals_an_uninterrupted_run(where, tmp_path, uninterrupted):
+    run = _kill_and_resume(where, tmp_path / "run")
+    assert run["child"].returncode == -signal.SIGKILL, run["child"].stderr[-2000:]
+    if not run["had_checkpoint"]:
+        assert "holds no checkpoint.pt" in run["resume_refused"]
+    assert run["parameters"].keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        assert torch.equal(run["parameters"][key], uninterrupted[key]), key
+    assert [r["epoch"] for r in run["records"]] == [1, 2, 3]
+    assert all(r["epoch_seconds"] > 0 and r["images_per_second"] > 0 for r in run["records"])
+    assert run["temporary"] == []
 
 
 def test_an_interrupted_epoch_logs_the_seconds_before_the_interruption(tmp_path):
@@ -177,42 +190,40 @@ DISK_CASES = {
 }
 
 
-def _disk_case(name: str, code: int, out: Path, monkeypatch, capsys) -> tuple[int, str]:
+def _disk_case(name: str, code: int, out: Path) -> tuple[int, str]:
     """Run the command with writes of `name` failing (after the first epoch for the per-epoch
     files); returns (exit code, stderr)."""
     extra, _ = DISK_CASES[name]
     argv = ["train", *RUN_ARGS, "--out-dir", str(out), *extra]
-    if name in ("metrics.jsonl", "checkpoint.pt"):
-        # Let epoch 1 finish and write its checkpoint, then fail the next write of `name`.
-        epochs_done = []
-        real_train = fastacl.train
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if name in ("metrics.jsonl", "checkpoint.pt"):
+            # Let epoch 1 finish and write its checkpoint, then fail the next write of `name`.
+            real_train = fastacl.train
 
-        def train_then_fail(**options):
-            def on_step(epoch, step, terms):
-                if epoch == 2 and not epochs_done:
-                    epochs_done.append(epoch)
-                    _inject(monkeypatch, name, code)
-                return False
-            return real_train(on_step=on_step, **options)
+            def train_then_fail(**options):
+                def on_step(epoch, step, terms):
+                    if (epoch, step) == (2, 0):
+                        _inject(monkeypatch, name, code)
+                    return False
+                return real_train(on_step=on_step, **options)
 
-        monkeypatch.setattr(fastacl, "train", train_then_fail)
-    else:
-        _inject(monkeypatch, name, code)
-    capsys.readouterr()
-    status = cli_main(argv)
-    monkeypatch.undo()
-    return status, capsys.readouterr().err
+            monkeypatch.setattr(fastacl, "train", train_then_fail)
+        else:
+            _inject(monkeypatch, name, code)
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            status = cli_main(argv)
+    return status, stderr.getvalue()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["ENOSPC", "EROFS"])
 @pytest.mark.parametrize("name", list(DISK_CASES))
-def test_a_failed_write_is_one_sentence_and_keeps_the_last_checkpoint(name, code, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_a_failed_write_is_one_sentence_and_keeps_the_last_checkpoint(name, code, tmp_path):
     out = tmp_path / "run"
-    status, err = _disk_case(name, code, out, monkeypatch, capsys)
+    status, err = _disk_case(name, code, out)
     assert status == 2, err
-    assert "Traceback" not in err and name in err
+    assert "Traceback" not in err and f"run/{name}:" in err  # the file, not its temporary
     assert ("read-only" if code == errno.EROFS else "no space left") in err
     assert not [p.name for p in out.glob("*.tmp")] if out.exists() else True
     if name == "config.json":
@@ -248,7 +259,7 @@ BAD_STARTS = [
      "attack_steps must be an integer >= 1", "trained 'acl' without an attack, silently"),
     ("closing-check budget in pixel units", ["train", "--eval-eps", "8"], 2,
      "eval_eps must be in (0, 1]", "failed after the whole pre-training"),
-    ("CUDA without a GPU", ["train", "--device", "cuda"], 2, "sees 0 CUDA device",
+    ("CUDA without a GPU", ["train", "--device", "cuda"], 2, "sees no CUDA device",
      "AssertionError traceback"),
     ("resume of a dir that does not exist", ["train", "--resume", "{tmp}/nowhere"], 2,
      "there is no run dir", "'checkpoint.pt does not exist'"),
@@ -310,24 +321,58 @@ def test_a_string_budget_from_python_is_a_clear_error(tmp_path):
 # ---- the docs table ----------------------------------------------------------------------------
 
 def _table() -> str:
-    import contextlib
+    """docs/failing-well.md's tables, from running every case (about three minutes)."""
     import tempfile
 
-    rows = ["| case | command | before | now: exit code and message |", "|---|---|---|---|"]
+    def cell(text: str, tmp: str) -> str:
+        return " ".join(text.strip().replace(tmp, "<tmp>").replace("|", "\\|").split())
+
+    rows = ["## Bad starts", "", "| case | command | before | now: exit code and message |",
+            "|---|---|---|---|"]
     for case, argv, _, _, before in BAD_STARTS:
         with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "a-file").write_text("not a dir")
             stderr = io.StringIO()
             with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-                (Path(tmp) / "a-file").write_text("not a dir")
                 status = cli_main([a.replace("{tmp}", tmp) for a in argv])
-        message = stderr.getvalue().strip().replace("|", "\\|").replace(tmp, "<tmp>")
-        command = "fastacl " + " ".join(argv).replace("{tmp}", "<tmp>")
-        rows.append(f"| {case} | `{command}` | {before} | {status}: {message} |")
+            command = "fastacl " + " ".join(argv).replace("{tmp}", "<tmp>")
+            rows.append(f"| {case} | `{command}` | {before} | {status}: "
+                        f"{cell(stderr.getvalue(), tmp)} |")
+    rows += ["", "## Full and read-only disks", "",
+             "| file that cannot be written | error | before | now: exit code and message | "
+             "checkpoint after |", "|---|---|---|---|---|"]
+    for name, (_, state_before) in DISK_CASES.items():
+        for code in (errno.ENOSPC, errno.EROFS):
+            with tempfile.TemporaryDirectory() as tmp:
+                status, err = _disk_case(name, code, Path(tmp) / "run")
+                checkpoint = Path(tmp) / "run" / "checkpoint.pt"
+                after = "none"
+                if checkpoint.exists():
+                    saved = load_checkpoint(checkpoint)["extra"]["train_state"]
+                    after = f"loads, next epoch {saved['epoch']}"
+                rows.append(f"| {name} | {errno.errorcode[code]} | OSError traceback | "
+                            f"{status}: {cell(err, tmp)} | {after} ({state_before}) |")
+    rows += ["", "## SIGKILL, then continue", "",
+             "| killed | then | parameters vs an uninterrupted run | metrics.jsonl epochs | "
+             "temporary files left |", "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = fastacl.train(out_dir=str(Path(tmp) / "full"), **RUN)
+        expected = load_checkpoint(reference.checkpoint)["state_dict"]
+        for index, where in enumerate(KILLS):
+            run = _kill_and_resume(where, Path(tmp) / f"run{index}")
+            same = all(torch.equal(run["parameters"][k], expected[k]) for k in expected)
+            then = ("`--resume`" if run["had_checkpoint"] else
+                    f"`--resume` refused (\"{cell(run['resume_refused'], tmp)}\"), new start")
+            rows.append(f"| {where} | {then} | {'bit-identical' if same else 'DIFFERENT'} | "
+                        f"{[r['epoch'] for r in run['records']]} | "
+                        f"{len(run['temporary'])} |")
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         _child(*sys.argv[2:5])
-    else:
-        print(_table())
+    else:  # the runs' own output would interleave with the table
+        with contextlib.redirect_stdout(io.StringIO()):
+            table = _table()
+        print(table)

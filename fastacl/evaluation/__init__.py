@@ -45,6 +45,7 @@ fine-tuning loop), robustness (clean / PGD-20 / AutoAttack testing), corruptions
 
 from fastacl.evaluation.corruptions import (
     STANDARD_CORRUPTIONS,
+    check_corruptions,
     corruption_accuracy,
     find_corruptions,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "PostProcessSettings",
     "Pretrained",
     "aff_network",
+    "check_corruptions",
     "corruption_accuracy",
     "evaluate",
     "find_corruptions",

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from fastacl.data import default_data_dir
-from fastacl.errors import ConfigError, MissingFileError
+from fastacl.errors import BadFileError, MissingFileError
 from fastacl.evaluation.robustness import correct_predictions
 from fastacl.utils import progress as progress_bar
 
-__all__ = ["CORRUPTION_FOLDERS", "STANDARD_CORRUPTIONS", "corruption_accuracy",
-           "find_corruptions"]
+__all__ = ["CORRUPTION_FOLDERS", "STANDARD_CORRUPTIONS", "check_corruptions",
+           "corruption_accuracy", "find_corruptions"]
 
 # The 15 corruptions of Hendrycks & Dietterich (2019) whose mean is the reported number; the
 # released CIFAR-10-C / 100-C also hold 4 extra ones (evaluated too, outside the mean).
@@ -41,15 +41,40 @@ def find_corruptions(dataset: str, data_dir: str | os.PathLike | None) -> Path |
     return None
 
 
-def _corruption_files(folder: Path) -> tuple[np.ndarray, list[str]]:
-    """(labels [5 n], the corruption names) of a folder, checked."""
-    labels = np.load(folder / "labels.npy")
-    if labels.ndim != 1 or labels.shape[0] % 5:
-        raise ConfigError(f"{folder / 'labels.npy'}: expected [5 n] labels (5 severities), got "
-                          f"shape {list(labels.shape)}")
+def _open_array(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (ValueError, OSError, EOFError) as error:
+        raise BadFileError(f"{path} is not a readable .npy array ({error}): truncated, or "
+                           "another kind of file; re-extract it from the CIFAR-10-C / "
+                           "CIFAR-100-C archive") from None
+
+
+def check_corruptions(folder: str | os.PathLike, subset: torch.Tensor | None = None
+                      ) -> tuple[np.ndarray, list[str]]:
+    """(labels [5 n], the corruption names) of a CIFAR-10-C style folder, every file checked.
+
+    Cheap: the corruption arrays are opened memory-mapped, so only their headers are read.
+    fastacl.evaluate calls it before fine-tuning, so a bad file fails in seconds. subset: the
+    test images to be used, which must lie within the folder's n images per severity.
+    """
+    folder = Path(folder)
+    labels = _open_array(folder / "labels.npy")
+    if labels.ndim != 1 or labels.shape[0] % 5 or not np.issubdtype(labels.dtype, np.integer):
+        raise BadFileError(f"{folder / 'labels.npy'}: expected [5 n] integer labels (5 "
+                           f"severities), got {labels.dtype} {list(labels.shape)}")
     names = sorted(p.stem for p in folder.glob("*.npy") if p.stem != "labels")
     if not names:
         raise MissingFileError(f"{folder} holds labels.npy but no <corruption>.npy file")
+    n = labels.shape[0] // 5
+    if subset is not None and subset.numel() and int(subset.max()) >= n:
+        raise BadFileError(f"{folder}: {n} images per severity, fewer than the test subset "
+                           f"needs ({int(subset.max()) + 1}); is it the folder of this dataset?")
+    for name in names:
+        array = _open_array(folder / f"{name}.npy", mmap_mode="r")
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != 5 * n:
+            raise BadFileError(f"{folder / name}.npy: expected uint8 [{5 * n}, H, W, C], got "
+                               f"{array.dtype} {list(array.shape)}")
     return labels, names
 
 
@@ -84,18 +109,13 @@ def corruption_accuracy(network: nn.Module, folder: str | os.PathLike,
     the 15 standard corruptions found (over all found if none of them is), "mean_all" over all.
     """
     folder = Path(folder)
-    labels_all, names = _corruption_files(folder)
+    labels_all, names = check_corruptions(folder, subset)
     n = labels_all.shape[0] // 5
     rows = torch.arange(n) if subset is None else subset.cpu()
-    if rows.numel() and int(rows.max()) >= n:
-        raise ConfigError(f"{folder}: {n} images per severity, fewer than the test subset needs")
     per_corruption: dict[str, dict[str, float]] = {}
     bar = progress_bar(len(names) * 5, "corruptions", progress, unit="set")
     for name in names:
-        array = np.load(folder / f"{name}.npy", mmap_mode="r")
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] != 5 * n:
-            raise ConfigError(f"{folder / name}.npy: expected uint8 [{5 * n}, H, W, C], got "
-                              f"{array.dtype} {list(array.shape)}")
+        array = _open_array(folder / f"{name}.npy", mmap_mode="r")
         per_corruption[name] = {}
         for severity in range(1, 6):
             index = (rows + (severity - 1) * n).numpy()

@@ -1,13 +1,16 @@
 """`evaluate`: fine-tune and test a pre-trained encoder by the SLF / ALF / AFF protocols.
 
 The driver reads in four steps: check the arguments and fill in what the checkpoint records
-(`_plan`), load the labelled splits (`_load_data`), run each mode on a fresh copy of the weights
-under its own seeds (`_run_mode`), and record what was run beside the numbers (`_record`,
-`_describe`).
+(`_check_arguments`, `_plan`), load and check every file it will read (`_load_data`,
+`check_corruptions`), run each mode on a fresh copy of the weights under its own seeds
+(`_run_mode`), and record what was run beside the numbers (`_record`, `_describe`). Everything a
+user can get wrong (an option, a file) fails in the first two steps, before any fine-tuning, with
+a fastacl.errors error naming it.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -18,11 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastacl.config import METHODS
 from fastacl.data import DATASETS, load_dataset
 from fastacl.errors import ConfigError, MissingFileError
 from fastacl.evaluation import postprocess
 from fastacl.evaluation.corruptions import (
     CORRUPTION_FOLDERS,
+    check_corruptions,
     corruption_accuracy,
     find_corruptions,
 )
@@ -31,7 +36,9 @@ from fastacl.evaluation.networks import aff_network, linear_network
 from fastacl.evaluation.pretrained import Pretrained, load_pretrained
 from fastacl.evaluation.protocols import (
     ATTACKS,
+    AUTOATTACK_ATTACKS,
     AUTOATTACK_PRESETS,
+    AUTOATTACK_VERSIONS,
     MODES,
     PGD20_STEPS,
     PRESETS,
@@ -45,7 +52,7 @@ from fastacl.evaluation.protocols import (
     subset_indices,
 )
 from fastacl.evaluation.robustness import test_network
-from fastacl.utils import check_choice, versions
+from fastacl.utils import check_choice, check_device, versions
 
 __all__ = ["evaluate"]
 
@@ -96,17 +103,34 @@ def _as_tuple(name: str, values: str | Sequence[str], choices: Sequence[str]) ->
     return values
 
 
-def _check_arguments(modes, attacks, corruptions, max_test, batch_size
-                     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _check_count(name: str, value: int | None, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
+def _check_arguments(modes, attacks, corruptions, *, dataset, preset, method, eps, max_test,
+                     max_train, epochs, batch_size) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The checks that need no checkpoint; returns (modes, attacks) as tuples."""
     modes = _as_tuple("modes", modes, MODES)
     attacks = _as_tuple("attacks", attacks, ATTACKS) if attacks else ()
     if corruptions not in ("auto", True, False):
         raise ConfigError(f"corruptions must be 'auto', True or False, got {corruptions!r}")
-    if max_test is not None and max_test < 1:
-        raise ConfigError(f"max_test must be >= 1, got {max_test}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    _check_count("max_test", max_test)
+    _check_count("max_train", max_train)
+    _check_count("epochs", epochs)
+    _check_count("batch_size", batch_size, optional=False)
+    if dataset is not None:
+        check_choice("dataset", dataset, DATASETS)
+    if preset is not None:
+        check_choice("preset", preset, PRESETS)
+    if method is not None:
+        check_choice("method", method.removesuffix("++"), METHODS)
+    if eps is not None:
+        _check_eps(eps)
     return modes, attacks
 
 
@@ -116,13 +140,29 @@ def _autoattack_choice(preset: str, version: str | None, attacks: str | Sequence
     if version is None:
         version, default_attacks = AUTOATTACK_PRESETS[preset]
         attacks = attacks or default_attacks
+    check_choice("autoattack_version", version, AUTOATTACK_VERSIONS)
     if isinstance(attacks, str):
         attacks = [a.strip() for a in attacks.split(",") if a.strip()]
     attacks = list(attacks) if attacks else None
+    for attack in attacks or ():
+        check_choice("autoattack attack", attack, AUTOATTACK_ATTACKS)
     if (attacks is not None) != (version == "custom"):
         raise ConfigError(f"autoattack_attacks goes with autoattack_version='custom' (got "
                           f"version {version!r}, attacks {attacks!r})")
     return version, attacks
+
+
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, str):
+        raise ConfigError(f"eps must be a number in (0, 1], got the string {eps!r}: pass 8 / 255, "
+                          "not '8/255' (the command line accepts 8/255)")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise ConfigError(f"eps must be a number in (0, 1], got {eps!r}")
+    eps = float(eps)
+    if not 0 < eps <= 1:
+        hint = f", did you mean {eps:g}/255?" if 1 < eps <= 255 else ""
+        raise ConfigError(f"eps must be in (0, 1] (pixel values are in [0, 1]), got {eps}{hint}")
+    return eps
 
 
 def _attack_budget(eps: float | None, pretrained: Pretrained) -> tuple[float, str]:
@@ -133,11 +173,7 @@ def _attack_budget(eps: float | None, pretrained: Pretrained) -> tuple[float, st
         eps, eps_source = pretrained.eps, "checkpoint"
     else:
         eps, eps_source = 8 / 255, "default 8/255 (not recorded in the checkpoint)"
-    eps = float(eps)
-    if not 0 < eps <= 1:
-        hint = f", did you mean {eps:g}/255?" if 1 < eps <= 255 else ""
-        raise ConfigError(f"eps must be in (0, 1] (pixel values are in [0, 1]), got {eps}{hint}")
-    return eps, eps_source
+    return _check_eps(eps), eps_source
 
 
 def _corruption_folder(corruptions: bool | str, dataset: str,
@@ -176,9 +212,13 @@ def _plan(pretrained: Pretrained, attacks: tuple[str, ...], dataset: str | None,
 
 def _load_data(dataset: str, data_dir: str | os.PathLike | None, max_test: int | None,
                device: torch.device) -> _Data:
-    """The labelled training split and the fixed test subset, on `device`."""
-    train_images, train_labels = load_dataset(dataset, data_dir, split="train")
+    """The labelled training split and the fixed test subset, on `device`.
+
+    Both splits are read (and so checked: load_dataset raises MissingFileError / BadFileError)
+    before any fine-tuning; the test split first, the smaller of the two.
+    """
     test_images, test_labels = load_dataset(dataset, data_dir, split="test")
+    train_images, train_labels = load_dataset(dataset, data_dir, split="train")
     if train_labels is None or test_labels is None:
         raise ConfigError(f"{dataset}: fine-tuning needs labelled train and test splits")
     labelled = train_labels >= 0  # STL-10 "train+unlabeled" marks unlabelled images with -1
@@ -189,6 +229,18 @@ def _load_data(dataset: str, data_dir: str | os.PathLike | None, max_test: int |
                  test_images=test_images[test_subset].to(device),
                  test_labels=test_labels[test_subset].to(device), test_subset=test_subset,
                  num_classes=num_classes)
+
+
+def _check_fits(pretrained: Pretrained, dataset: str, data: _Data) -> None:
+    """The model takes the dataset's images: as many channels as its first convolution."""
+    convolution = next((m for m in pretrained.model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = int(data.test_images.shape[1])
+    if convolution is not None and convolution.in_channels != channels:
+        source = pretrained.path or "the checkpoint"
+        raise ConfigError(
+            f"{source} holds a model for {convolution.in_channels}-channel images, but {dataset}'s "
+            f"have {channels}: pass the dataset it was pre-trained on"
+            + (f" ({pretrained.dataset})" if pretrained.dataset else ""))
 
 
 # ---- one mode ----------------------------------------------------------------------------------
@@ -268,11 +320,10 @@ def _run_mode(mode: str, model: nn.Module, branch: str, plan: _Plan, data: _Data
 
 # ---- the record --------------------------------------------------------------------------------
 
-def _record(checkpoint: str | os.PathLike | dict, pretrained: Pretrained, plan: _Plan,
-            data: _Data) -> dict[str, Any]:
+def _record(pretrained: Pretrained, plan: _Plan, data: _Data) -> dict[str, Any]:
     """What was evaluated and how, the head of evaluate()'s result."""
     return {
-        "checkpoint": str(checkpoint) if not isinstance(checkpoint, dict) else "<dict>",
+        "checkpoint": str(pretrained.path) if pretrained.path is not None else "<dict>",
         "checkpoint_source": pretrained.source,
         "method": plan.method, "dataset": plan.dataset, "preset": plan.preset,
         "encoder_branch": pretrained.encoder_branch, "eps": plan.eps,
@@ -280,7 +331,10 @@ def _record(checkpoint: str | os.PathLike | dict, pretrained: Pretrained, plan: 
         "test_images": int(data.test_labels.shape[0]),
         "train_images": int(data.train_labels.shape[0]), "seed": plan.seed,
         "device": str(plan.device), "attacks": list(plan.attacks),
-        "autoattack": {"version": plan.autoattack_version, "attacks": plan.autoattack_attacks},
+        # Only what was run: the AutoAttack settings when it was.
+        **({"autoattack": {"version": plan.autoattack_version,
+                           "attacks": plan.autoattack_attacks}}
+           if "autoattack" in plan.attacks else {}),
         "versions": versions(),
     }
 
@@ -326,8 +380,9 @@ def evaluate(
     The protocols are those of docs/acl-air.md section 8 (see fastacl.evaluation).
 
     Args:
-        checkpoint: a fastacl checkpoint (fastacl.train's checkpoint.pt, a path or the loaded
-            dict) or a published ACL / DynACL / AIR checkpoint (path; needs `dataset`).
+        checkpoint: a fastacl checkpoint (fastacl.train's checkpoint.pt, its run directory
+            or the loaded dict) or a published ACL / DynACL / AIR checkpoint (path; needs
+            `dataset`).
         dataset: the downstream dataset (default: the one the checkpoint was trained on).
         modes, attacks: subsets of MODES and ATTACKS, as a sequence or "slf,alf".
         max_test: test on a fixed random subset of this many test images (the same subset for
@@ -347,18 +402,27 @@ def evaluate(
         autoattack_version, autoattack_attacks: passed to fastacl.attacks.autoattack; default
             the preset's (AUTOATTACK_PRESETS: "standard" for paper, APGD-CE alone for demo).
         batch_size: test / attack batch size. device: "auto" | "cpu" | "cuda[:N]".
-        progress: progress display (default: a bar when stderr is a terminal; True also writes
-            a line every 30 s to a log).
+        progress: progress display (default: a bar when stderr is a terminal, else a line
+            every 30 s, as in a log; False: none).
 
     Returns:
         {"modes": {mode: {"standard_accuracy", "pgd20_accuracy", "autoattack_accuracy" (those
         requested), "settings", "seconds", ...}}, plus the checkpoint's method, dataset, eps, the
-        test subset size, the versions and the total seconds}.
+        test subset size, "autoattack" (its version and attacks, only when it ran), the versions
+        and the total seconds}.
+
+    Raises (before any fine-tuning, each naming the option or file and the fix; the fastacl
+    command prints them as one sentence): ConfigError for a bad argument or a device torch does
+    not see, MissingFileError for a missing checkpoint or data file, BadFileError (also
+    fastacl.models.CheckpointError) for an unreadable one.
     """
     start = time.perf_counter()
-    modes, attacks = _check_arguments(modes, attacks, corruptions, max_test, batch_size)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto"
-                          else device)
+    # Every check (options, then the checkpoint, the data and corruption files) comes before
+    # any fine-tuning: a bad option or file fails in seconds, not after a mode has trained.
+    modes, attacks = _check_arguments(
+        modes, attacks, corruptions, dataset=dataset, preset=preset, method=method, eps=eps,
+        max_test=max_test, max_train=max_train, epochs=epochs, batch_size=batch_size)
+    device = check_device(device)
     # Building models draws from the global RNG: the caller's state is restored afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         pretrained = load_pretrained(checkpoint)
@@ -366,8 +430,11 @@ def evaluate(
                  autoattack_version, autoattack_attacks, seed=seed, epochs=epochs,
                  max_train=max_train, batch_size=batch_size, device=device, progress=progress)
     data = _load_data(plan.dataset, data_dir, max_test, device)
+    _check_fits(pretrained, plan.dataset, data)
+    if plan.corruption_folder is not None:
+        check_corruptions(plan.corruption_folder, data.test_subset)
     model = pretrained.model.to(device).eval()
-    result = _record(checkpoint, pretrained, plan, data)
+    result = _record(pretrained, plan, data)
     if post_process:
         model, result["post_process"] = _post_process(model, plan, data)
         result["method"] = f"{plan.method or 'unknown'}++"

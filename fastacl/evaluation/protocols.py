@@ -20,7 +20,9 @@ from fastacl.utils import check_choice
 
 __all__ = [
     "ATTACKS",
+    "AUTOATTACK_ATTACKS",
     "AUTOATTACK_PRESETS",
+    "AUTOATTACK_VERSIONS",
     "MODES",
     "PGD20_STEPS",
     "PRESETS",
@@ -54,6 +56,9 @@ TRADES_BETA = 6.0
 # results; on that SLF model it was within 0.4 points of the standard cascade (64.8% vs 64.4%).
 # evaluate(autoattack_version="standard") runs the real thing.
 AUTOATTACK_PRESETS = {"paper": ("standard", None), "demo": ("custom", ["apgd-ce"])}
+# pyautoattack's versions and the attacks version "custom" takes (its AttackName).
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 
 
 # ---- seeds -------------------------------------------------------------------------------------

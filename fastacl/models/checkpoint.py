@@ -16,6 +16,12 @@ Counter), lists, tuples, sets, numbers, strings, bytes, None, torch.dtype / devi
 ``save_checkpoint`` checks this before it writes, so a checkpoint that cannot be loaded safely
 is never written.
 
+``load_checkpoint`` (and fastacl.evaluate) take the file or the run directory holding it
+(fastacl.train's ``checkpoint.pt``). A file that is missing, unreadable, truncated or of another
+kind raises a fastacl error naming it (fastacl.errors: the ``fastacl`` command prints it as one
+sentence), never torch's own message, whose advice to retry with weights_only=False is not one
+fastacl gives.
+
 Loading a state dict is strict (docs/acl-air.md section 10: the published fine-tuning code loads
 with strict=False and silently leaves BN and shortcut weights at their init). A missing or
 unexpected key, or a shape mismatch, raises StateDictMismatchError naming the keys.
@@ -27,7 +33,10 @@ import collections
 import contextlib
 import os
 import pickle
+import re
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +44,30 @@ import torch
 from torch import nn
 
 import fastacl
+from fastacl.errors import BadFileError, MissingFileError
 from fastacl.models.resnet import build_model
 from fastacl.utils import unwrap
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CHECKPOINT_NAME",
     "FORMAT_VERSION",
     "CheckpointError",
     "StateDictMismatchError",
     "build_model_from_checkpoint",
+    "check_checkpoint",
     "check_weights_only_safe",
+    "checkpoint_file",
     "load_checkpoint",
     "load_state_dict_strict",
+    "read_checkpoint_file",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "fastacl.checkpoint"
 FORMAT_VERSION = 1
+# The file fastacl.train writes in its run directory (fastacl.pretrain.state.CHECKPOINT_NAME).
+CHECKPOINT_NAME = "checkpoint.pt"
 _REQUIRED_KEYS = ("format", "format_version", "model_spec", "state_dict", "extra")
 # What torch.load(weights_only=True) rebuilds (checked on torch 2.13). Exact types, not
 # isinstance: a str-Enum, a namedtuple or a defaultdict does not load.
@@ -64,16 +80,23 @@ _SAFE_SEQUENCE_TYPES = (list, tuple, set)
 _MAX_KEYS_LISTED = 40
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is not in fastacl's format, or cannot be written or used."""
+class CheckpointError(BadFileError, RuntimeError):
+    """A checkpoint is not in fastacl's format, or cannot be read or used.
+
+    A BadFileError (the ``fastacl`` command prints it as one sentence) that is also the
+    RuntimeError it used to be, so existing ``except RuntimeError`` keeps working.
+    """
 
 
 class StateDictMismatchError(CheckpointError):
     """A state dict does not fit the model: the message lists every offending key."""
 
-    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]):
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str],
+                 where: str | None = None):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        parts = ["state dict does not match the model (loading is strict):"]
+        self.where = where  # the file the state dict came from, when known
+        parts = [(f"{where}: " if where else "")
+                 + "state dict does not match the model (loading is strict):"]
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                             ("shape mismatches", mismatched)):
             if keys:
@@ -88,10 +111,16 @@ class StateDictMismatchError(CheckpointError):
         elif any(key.startswith("module.") for key in unexpected):
             parts.append("  hint: 'module.' prefixes come from a DataParallel/DDP wrapper; save "
                          "the unwrapped model (save_checkpoint does this)")
-        elif any(".normal." in k or ".adv." in k for k in everything):
+        elif ({_without_branch(k) for k in missing} & {_without_branch(k) for k in unexpected}
+              and any(".normal." in k or ".adv." in k for k in everything)):
+            # The same BN named with a branch on one side and without on the other.
             parts.append("  hint: one side has dual BN ('normal'/'adv') and the other not: check "
                          "dual_bn")
         super().__init__("\n".join(parts))
+
+
+def _without_branch(key: str) -> str:
+    return key.replace(".normal.", ".").replace(".adv.", ".")
 
 
 def check_weights_only_safe(obj: Any, where: str = "checkpoint") -> None:
@@ -174,23 +203,105 @@ def _fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a fastacl checkpoint with ``weights_only=True`` and check its format."""
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file `path` names: the file itself, or the checkpoint.pt of a run dir.
+
+    MissingFileError if there is no such file, or the directory holds no checkpoint.pt.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / CHECKPOINT_NAME
+        if inside.is_file():
+            return inside
+        raise MissingFileError(
+            f"{path} is a directory without a {CHECKPOINT_NAME}: pass the run directory of a "
+            "fastacl train run that has written its first checkpoint, or a checkpoint file")
+    if not path.exists():
+        raise MissingFileError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file: pass a checkpoint file or a run "
+                              "directory")
+    return path
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu"
+                         ) -> tuple[Path, Any]:
+    """(the file, what it holds): `path` (a file or a run dir) loaded with weights_only=True.
+
+    Whatever the file holds comes back unchecked (a fastacl checkpoint, a published one, a bare
+    state dict); check_checkpoint says whether it is fastacl's. A file torch.load cannot read
+    raises CheckpointError naming it, as does one holding objects weights_only refuses.
+    """
+    path = checkpoint_file(path)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # A plain pickle (not torch.save's protocol 2): the load fails or succeeds without
+            # torch's warning about it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return path, torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} holds objects that torch.load(weights_only=True) refuses to rebuild, so it "
-            "was not loaded (fastacl never unpickles arbitrary objects); it was not written by "
-            f"fastacl.models.save_checkpoint. Details: {error}"
-        ) from error
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused:
+            # Not chained: torch's message advises weights_only=False, which fastacl never does.
+            raise CheckpointError(
+                f"{path} is not a fastacl or published checkpoint: it holds a {refused[1]}, "
+                "and fastacl loads checkpoints with torch.load(weights_only=True), which "
+                "rebuilds only tensors, dicts, lists, tuples, numbers and strings (fastacl never "
+                "unpickles other objects)") from None
+        cause = None
+    except RuntimeError as error:
+        if _is_torch_archive(path):
+            raise  # the file is whole: the error is not the file's (map_location, say)
+        cause = error
+    except PermissionError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}") from None
+    except (EOFError, KeyError, IndexError, ValueError, TypeError, AttributeError,
+            OverflowError, MemoryError, ImportError) as error:
+        # What the pickle machinery raises on bytes that are not a pickle.
+        cause = error
+    raise CheckpointError(
+        f"{path} is not a fastacl or published checkpoint: torch.load cannot read "
+        f"{_what_it_is(path)} (truncated, or another kind of file)") from cause
+
+
+def _is_torch_archive(path: Path) -> bool:
+    """A complete zip archive laid out as torch.save writes it (<name>/data.pkl)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _what_it_is(path: Path) -> str:
+    """A few words on a file torch.load could not read, for the error message."""
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            return "a zip archive that ends early"
+        return "a zip archive that torch.save did not write"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:  # a multi-byte character cut at the 4096th byte
+        text = head[: error.start].decode("utf-8") if error.start > len(head) - 4 else ""
+    if text and all(character.isprintable() or character in "\t\n\r" for character in text):
+        return "a text file"
+    return f"its {path.stat().st_size} bytes"
+
+
+def check_checkpoint(checkpoint: Any, path: str | os.PathLike = "the checkpoint"
+                     ) -> dict[str, Any]:
+    """`checkpoint` (what a file held) if it is in fastacl's format, else CheckpointError."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         hint = ""
         if isinstance(checkpoint, dict) and any(
             ".bn_list." in str(key) for key in checkpoint.get("state_dict", checkpoint)
         ):
             hint = (" It looks like an ACL/DynACL/AIR authors' checkpoint: load it with "
-                    "fastacl.models.build_model_from_published.")
+                    "fastacl.models.build_model_from_published (fastacl.evaluate takes it).")
         raise CheckpointError(f"{path} is not a fastacl checkpoint (no format "
                               f"{CHECKPOINT_FORMAT!r}).{hint}")
     version = checkpoint.get("format_version")
@@ -203,6 +314,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if missing:
         raise CheckpointError(f"{path} lacks the checkpoint fields {missing}")
     return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a fastacl checkpoint with ``weights_only=True`` and check its format.
+
+    path: the file, or a run directory holding checkpoint.pt. A missing file raises
+    MissingFileError; an unreadable one, or one not in fastacl's format, CheckpointError
+    (a BadFileError), both naming the file.
+    """
+    path, checkpoint = read_checkpoint_file(path, map_location=map_location)
+    return check_checkpoint(checkpoint, path)
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""NT-Xent, the SimCLR contrastive loss (spec/acl-air.md section 4).
+"""NT-Xent, the SimCLR contrastive loss (docs/acl-air.md section 4).
 
 For views z1, z2 [N, d] (row k of each is a positive pair): rows are L2-normalised, the 2N x 2N
 logits are cosine similarities / t, each of the 2N anchors has its other view as the positive and

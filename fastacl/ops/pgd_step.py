@@ -1,4 +1,4 @@
-"""The fused PGD update, in place (spec/acl-air.md section 3, canonical form on the perturbation).
+"""The fused PGD update, in place (docs/acl-air.md section 3, canonical form on the perturbation).
 
 With delta = x_adv - x_nat and per-sample norms over every dimension but the first:
   linf:  delta <- clip(delta + step * sign(grad), -eps, eps)

@@ -1,4 +1,4 @@
-"""The RCS ops: per-sample projected head gradients and the greedy pick (spec/rcs.md sections 2-3).
+"""The RCS ops: per-sample projected head gradients and the greedy pick (docs/rcs.md sections 2-3).
 
 rcs_project. For every head Linear layer l, H_l [n, in_l] holds the layer's inputs and Delta_l
 [n, out_l] the gradients of the loss with respect to its outputs, one row per forward row. Row i
@@ -16,8 +16,8 @@ Blocks are concatenated in layer order: D = sum_l (in_l + bias_l) for rowmean (1
 ResNet-18 head), sum_l (k1 k2 + bias_l k1) for kronecker. With segment_ids, the projections of the
 rows that share an id are summed into output row id (a sample's rows: both views, natural and
 adversarial; or a whole minibatch), which is the projection of the summed gradient because the
-projection is linear. The spec's per-sample gradient also multiplies by the minibatch size: scale
-Delta (or the output) accordingly, the op only sums.
+projection is linear. The per-sample gradient of docs/rcs.md section 2 also multiplies by the
+minibatch size: scale Delta (or the output) accordingly, the op only sums.
 Storage fp32 or bf16 (fp16 and fp64 run the reference); accumulation and output in fp32 (fp64 for
 fp64 inputs).
 

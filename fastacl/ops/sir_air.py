@@ -1,4 +1,4 @@
-"""The SIR and AIR regularisers of AIR (spec/acl-air.md section 6).
+"""The SIR and AIR regularisers of AIR (docs/acl-air.md section 6).
 
 Batch softmaxes over the sample index k of matched-pair similarities: D(A, B)_k = sim(A_k, B_k)/t.
   P_u = softmax_k D(z^u, z^o)        natural view u against the original

@@ -42,6 +42,10 @@ from fastacl.pretrain.speed import deterministic_mode
 from fastacl.pretrain.step import loss_for, train_step
 from fastacl.utils import atomic_write_text, progress, unwrap
 
+# Steps between two displays of the loss on the progress bar (each reads a value back from the
+# device).
+_DISPLAY_EVERY = 20
+
 
 @dataclass
 class TrainResult:
@@ -131,7 +135,7 @@ class _Run:
         return state.write_checkpoint(self.out, self.model, self.cfg, {
             "optimizer": self.optimizer.state_dict(),
             "rng": state.rng_state(self.data_generator, self.attack_generator),
-            "epoch": self.epoch, "step": self.step, "sums": self.sums,
+            "epoch": self.epoch, "step": self.step, "sums": _host(self.sums),
             "epoch_seconds": self.seconds,
             "coreset_indices": self.subset, "coreset_selection": self.selection, "ranks": ranks,
         })
@@ -277,11 +281,14 @@ def _train_epoch(run: _Run, stop: state.StopRequest, on_step) -> bool:
                               for t in (x1, x2, x_orig))
         terms = train_step(run.model, run.loss_fn, run.optimizer, x_orig, x1, x2, cfg,
                            run.attack_generator)
+        # The loss terms stay on the device (float64 sums, as exact as Python floats): reading
+        # one back is a device synchronisation, done once per display interval, not per step.
         for name, value in terms.items():
-            run.sums[name] = run.sums.get(name, 0.0) + float(value)
+            run.sums[name] = run.sums.get(name, 0.0) + value.double()
         run.sums["steps"] = run.sums.get("steps", 0) + 1
         run.step = step + 1
-        bar.set_postfix(loss=f"{float(terms['total']):.4f}", lr=f"{lr:.3g}")
+        if run.step % _DISPLAY_EVERY == 0 or run.step == epoch_steps:
+            bar.set_postfix(loss=f"{float(terms['total']):.4f}", lr=f"{lr:.3g}")
         bar.update(1)
         if on_step is not None and on_step(epoch, step, terms):
             stop()
@@ -302,7 +309,7 @@ def _log_epoch(run: _Run, strength: float, train_images: int, steps: int,
     """The epoch's line of metrics.jsonl (mean of every loss term, lr, s, w, images/s).
     `seconds` include the epoch's time before an interruption."""
     cfg = run.cfg
-    sums = distributed.mean_over_ranks(run.sums)  # the same on every rank when gathered
+    sums = distributed.mean_over_ranks(_host(run.sums))  # the same on every rank when gathered
     last_lr = schedule.learning_rate(cfg, run.epoch * run.steps_per_epoch - 1,
                                      run.steps_per_epoch)
     record = {"epoch": run.epoch, "lr": last_lr, "strength": strength,
@@ -314,6 +321,12 @@ def _log_epoch(run: _Run, strength: float, train_images: int, steps: int,
         state.append_metrics(run.out, record)
         print("fastacl: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                      for k, v in record.items()), flush=True)
+
+
+def _host(sums: dict) -> dict:
+    """The running sums as Python numbers (one read-back from the device)."""
+    return {name: float(value) if isinstance(value, torch.Tensor) else value
+            for name, value in sums.items()}
 
 
 def _select(run: _Run, strength: float) -> dict:

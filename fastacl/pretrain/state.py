@@ -22,9 +22,8 @@ from fastacl import distributed
 from fastacl.config import TrainConfig
 from fastacl.errors import ConfigError, MissingFileError, RunDirError
 from fastacl.models import load_checkpoint, save_checkpoint
+from fastacl.models.checkpoint import CHECKPOINT_NAME
 from fastacl.utils import atomic_write_text, unwrap, versions
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 # ---- seeds -------------------------------------------------------------------------------------
 

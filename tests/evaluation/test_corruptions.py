@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastacl.errors import ConfigError, MissingFileError
+from fastacl.errors import BadFileError, MissingFileError
 from fastacl.evaluation import corruptions
 
 
@@ -54,8 +54,21 @@ def test_malformed_folders_say_what_is_wrong(tmp_path):
     folder = tmp_path / "CIFAR-10-C"
     folder.mkdir()
     np.save(folder / "labels.npy", np.zeros(7, dtype=np.int64))
-    with pytest.raises(ConfigError, match=r"expected \[5 n\] labels"):
+    with pytest.raises(BadFileError, match=r"expected \[5 n\] integer labels"):
         corruptions.corruption_accuracy(ConstantModel(), folder)
     np.save(folder / "labels.npy", np.zeros(10, dtype=np.int64))
     with pytest.raises(MissingFileError, match="no <corruption>.npy file"):
         corruptions.corruption_accuracy(ConstantModel(), folder)
+    np.save(folder / "fog.npy", np.zeros((10, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(BadFileError, match=r"fog.npy: expected uint8 \[10, H, W, C\]"):
+        corruptions.check_corruptions(folder)
+    np.save(folder / "fog.npy", np.zeros((10, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(BadFileError, match="2 images per severity, fewer than the test subset"):
+        corruptions.check_corruptions(folder, subset=torch.tensor([0, 5]))
+    data = (folder / "fog.npy").read_bytes()
+    (folder / "fog.npy").write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(BadFileError, match="fog.npy is not a readable .npy array"):
+        corruptions.check_corruptions(folder)
+    (folder / "labels.npy").write_text("not an array")
+    with pytest.raises(BadFileError, match="labels.npy is not a readable .npy array"):
+        corruptions.check_corruptions(folder)

@@ -1,13 +1,17 @@
 """fastacl.evaluate (fastacl.evaluation.driver): the protocols end to end on a tiny run."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
-from fastacl.errors import ConfigError
-from fastacl.evaluation import evaluate
-from fastacl.models import StateDictMismatchError, export_published_state_dict
+from fastacl import attacks, utils
+from fastacl.errors import BadFileError, ConfigError
+from fastacl.evaluation import corruptions as corruption_sets
+from fastacl.evaluation import driver, evaluate, fine_tuning, robustness
+from fastacl.models import StateDictMismatchError, export_published_state_dict, save_checkpoint
 from tests.evaluation.test_corruptions import write_corruptions
 from tests.evaluation.tiny import EPS, tiny_model
 
@@ -34,7 +38,7 @@ def test_modes_in_any_order_give_the_same_numbers(cifar_run):
     assert result["settings"]["seed"] == 30  # protocols.mode_seed(0, "aff")
     assert result["seconds"] > 0 and first["eps"] == EPS and first["eps_source"] == "checkpoint"
     assert first["test_images"] == 16 and first["method"] == "acl"
-    assert first["autoattack"] == {"version": "standard", "attacks": None}  # paper preset
+    assert "autoattack" not in first  # not run: no settings recorded for it
     assert result["pgd20_accuracy"] <= result["standard_accuracy"]
     assert {"fastacl", "torch", "device_name"} <= set(first["versions"])
     json.dumps(first)  # JSON-serialisable
@@ -46,7 +50,8 @@ def test_missing_checkpoint_key_fails_loudly(cifar_run, tmp_path):
     del checkpoint["state_dict"]["backbone.layer2.0.shortcut.bn.adv.running_var"]
     broken = tmp_path / "broken.pt"
     torch.save(checkpoint, broken)
-    with pytest.raises(StateDictMismatchError, match="shortcut.bn.adv.running_var"):
+    with pytest.raises(StateDictMismatchError, match="broken.pt: state dict does not match"
+                                                     "(.|\n)*shortcut.bn.adv.running_var"):
         evaluate(broken, data_dir=root, modes="aff", **QUICK)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate(tmp_path / "nothing.pt", data_dir=root)
@@ -61,12 +66,84 @@ def test_missing_checkpoint_key_fails_loudly(cifar_run, tmp_path):
     (dict(max_test=0), "max_test must be >= 1"),
     (dict(corruptions="yes"), "corruptions must be 'auto', True or False"),
     (dict(autoattack_attacks=["apgd-ce"]), "autoattack_attacks goes with"),
+    (dict(autoattack_version="fast"), "autoattack_version must be one of standard, plus"),
+    (dict(autoattack_version="custom", autoattack_attacks="apgd-ce,apgd"),
+     "autoattack attack must be one of apgd-ce, .*, got 'apgd'"),
+    (dict(method="acl-ari"), "method must be one of cl, acl, .*, got 'acl-ari'"),
+    (dict(eps="8/255"), "got the string '8/255': pass 8 / 255"),
+    (dict(epochs=0), "epochs must be >= 1, got 0"),
+    (dict(max_train=0), "max_train must be >= 1, got 0"),
+    (dict(max_test=2.5), "max_test must be an integer >= 1, got 2.5"),
+    (dict(device="gpu"), "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (dict(device="meta"), "device must be auto, cpu, cuda or cuda:N, got 'meta'"),
 ])
 def test_bad_arguments_name_the_choices(cifar_run, kwargs, message):
     root, path = cifar_run
     with pytest.raises(ValueError, match=message) as raised:
         evaluate(path, data_dir=root, **kwargs)
     assert isinstance(raised.value, ConfigError)  # the CLI prints it as one sentence
+
+
+def test_a_cuda_device_torch_does_not_see_is_refused_first(cifar_run, monkeypatch):
+    root, path = cifar_run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device cuda was asked for but torch sees no CUDA "
+                                          "device; use --device cpu or auto"):
+        evaluate(path, data_dir=root, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="device cuda:3 was asked for but torch sees 1 CUDA"):
+        evaluate(path, data_dir=root, device="cuda:3")
+
+
+def test_every_check_comes_before_fine_tuning(cifar_run, tmp_path, monkeypatch):
+    """A bad file that is read last (the corrupted sets) still fails before any training."""
+    root, path = cifar_run
+    monkeypatch.setattr(driver, "finetune", lambda *a, **k: pytest.fail("fine-tuning started"))
+    (tmp_path / "cifar-10-batches-py").symlink_to(root / "cifar-10-batches-py")
+    folder = tmp_path / "CIFAR-10-C"
+    write_corruptions(folder, n=16, classes=10)
+    np.save(folder / "fog.npy", np.zeros((80, 32, 32), dtype=np.uint8))
+    with pytest.raises(BadFileError, match=r"fog.npy: expected uint8 \[80, H, W, C\]"):
+        evaluate(path, data_dir=tmp_path, **QUICK)
+    bad_test = tmp_path / "bad_test"
+    shutil.copytree(root / "cifar-10-batches-py", bad_test / "cifar-10-batches-py")
+    (bad_test / "cifar-10-batches-py" / "test_batch").write_bytes(b"truncated")
+    with pytest.raises(BadFileError, match="test_batch is not a readable CIFAR python batch"):
+        evaluate(path, data_dir=bad_test, **QUICK)
+    one_channel = save_checkpoint(tmp_path / "mnist.pt", tiny_model(in_channels=1),
+                                  dataset="mnist5k")
+    with pytest.raises(ConfigError, match="mnist.pt holds a model for 1-channel images, but "
+                                          "cifar10's have 3: .* \\(mnist5k\\)"):
+        evaluate(one_channel, dataset="cifar10", data_dir=root, **QUICK)
+
+
+def test_a_run_dir_is_its_checkpoint_and_every_stage_shows_progress(cifar_run, tmp_path,
+                                                                    monkeypatch):
+    """By default (progress not given) fine-tuning, PGD-20, AutoAttack and the corruptions
+    each go through fastacl.utils.progress, enabled, so a log file shows them."""
+    root, path = cifar_run
+    shown = []
+
+    def recording(total, desc, enabled=True, **kwargs):
+        shown.append((desc, enabled))
+        return utils.progress(total, desc, False, **kwargs)
+
+    for module in (fine_tuning, robustness, corruption_sets, attacks):
+        monkeypatch.setattr(module, "progress_bar", recording)
+    (tmp_path / "run").mkdir()
+    shutil.copy(path, tmp_path / "run" / "checkpoint.pt")
+    (tmp_path / "cifar-10-batches-py").symlink_to(root / "cifar-10-batches-py")
+    write_corruptions(tmp_path / "CIFAR-10-C", n=16, classes=10)
+    out = evaluate(tmp_path / "run", data_dir=tmp_path, modes="slf", epochs=1, max_test=4,
+                   attacks="pgd20,autoattack", autoattack_version="custom",
+                   autoattack_attacks=["apgd-ce"])
+    assert out["checkpoint"] == str(tmp_path / "run" / "checkpoint.pt")
+    assert out["autoattack"] == {"version": "custom", "attacks": ["apgd-ce"]}  # it ran
+    assert "autoattack_accuracy" in out["modes"]["slf"]
+    assert [desc for desc, _ in shown] == ["slf fine-tuning", "PGD-20", "AutoAttack (custom)",
+                                           "corruptions"]
+    assert all(enabled is not False for _, enabled in shown)
 
 
 def test_published_checkpoint_and_eps_override_and_corruptions(cifar_run, tmp_path):
@@ -114,5 +191,13 @@ def test_cli_prints_the_table_and_writes_json(cifar_run, tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert set(saved["modes"]) == {"slf"} and "pgd20_accuracy" in saved["modes"]["slf"]
     assert "autoattack_accuracy" not in saved["modes"]["slf"]
+    assert "autoattack" not in saved and "AutoAttack" not in printed  # not run, not recorded
+    code = main(["evaluate", "--checkpoint", str(path), "--data-dir", str(root), "--modes",
+                 "slf", "--attacks", "autoattack", "--autoattack-version", "custom",
+                 "--autoattack-attacks", "apgd-ce", "--epochs", "1", "--max-test", "4"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| mode | standard acc. | AutoAttack |" in printed
+    assert "AutoAttack: custom (apgd-ce), l_inf eps" in printed
     assert main(["evaluate", "--checkpoint", str(path), "--modes", "slf,nope"]) == 2
     assert "mode must be one of slf, alf, aff, got 'nope'" in capsys.readouterr().err

@@ -1,12 +1,15 @@
 """Checkpoints: schema, weights_only loading, atomic writes, strict state dicts."""
 
 import datetime
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fastacl.errors import BadFileError, FastaclError, MissingFileError
 from fastacl.models import (
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
@@ -19,6 +22,7 @@ from fastacl.models import (
     resnet18_acl,
     save_checkpoint,
 )
+from fastacl.models.checkpoint import CHECKPOINT_NAME, checkpoint_file
 
 
 def tiny_model(**kwargs):
@@ -121,8 +125,74 @@ def test_load_refuses_other_files(tmp_path):
     unsafe = tmp_path / "unsafe.pt"
     # A picklable object that weights_only refuses, as a hostile pickle would hold.
     torch.save({"format": CHECKPOINT_FORMAT, "payload": datetime.date(2024, 1, 1)}, unsafe)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="holds a datetime.date.*weights_only=True") as raised:
         load_checkpoint(unsafe)
+    assert "weights_only=False" not in str(raised.value)  # torch's advice is never passed on
+    assert raised.value.__suppress_context__  # nor shown in a traceback
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _truncated(path, tmp_path):
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    return truncated
+
+
+@pytest.mark.parametrize("kind, what", [
+    ("text", "a text file"),
+    ("readme", "a text file"),
+    ("truncated", "a zip archive that ends early"),
+    ("empty", "an empty file"),
+    ("binary", "its 3000 bytes"),
+    ("zip", "a zip archive that torch.save did not write"),
+])
+def test_unreadable_files_are_a_bad_file_error_naming_them(tmp_path, kind, what):
+    good = save_checkpoint(tmp_path / "good.pt", tiny_model())
+    path = tmp_path / f"{kind}.pt"
+    if kind == "text":
+        path.write_text("epoch 1 loss 0.5\n")
+    elif kind == "readme":
+        path = README
+    elif kind == "truncated":
+        path = _truncated(good, tmp_path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(200, 256)) * 50 + bytes(200))
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "not a checkpoint")
+    with pytest.raises(BadFileError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert message == (f"{path} is not a fastacl or published checkpoint: torch.load cannot "
+                       f"read {what} (truncated, or another kind of file)")
+    assert isinstance(raised.value, CheckpointError) and isinstance(raised.value, RuntimeError)
+    assert isinstance(raised.value, FastaclError)  # the fastacl command prints it, exit 2
+
+
+def test_a_run_directory_means_its_checkpoint(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "run" / CHECKPOINT_NAME, model, epoch=3)
+    assert load_checkpoint(tmp_path / "run")["extra"]["epoch"] == 3
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(MissingFileError, match=f"empty_run is a directory without a "
+                                               f"{CHECKPOINT_NAME}"):
+        load_checkpoint(tmp_path / "empty_run")
+    with pytest.raises(MissingFileError, match="nothing.pt does not exist"):
+        load_checkpoint(tmp_path / "nothing.pt")
+    with pytest.raises(FileNotFoundError):  # MissingFileError is one
+        load_checkpoint(tmp_path / "nothing.pt")
+    assert checkpoint_file(tmp_path / "run") == tmp_path / "run" / CHECKPOINT_NAME
+
+
+def test_the_run_directory_file_name_is_the_trainers():
+    from fastacl.pretrain import state
+
+    assert state.CHECKPOINT_NAME == CHECKPOINT_NAME
 
 
 def test_strict_loading_names_missing_and_unexpected_keys():
@@ -147,6 +217,11 @@ def test_strict_loading_names_shape_mismatches_and_dual_bn_mismatches():
     expected = r"(?s)backbone\.bn1\.adv\.bias.*check dual_bn"
     with pytest.raises(StateDictMismatchError, match=expected):
         load_state_dict_strict(model, single)
+    one_missing = tiny_model().state_dict()
+    del one_missing["backbone.bn1.adv.bias"]
+    with pytest.raises(StateDictMismatchError, match="missing keys") as raised:
+        load_state_dict_strict(model, one_missing)
+    assert "dual_bn" not in str(raised.value)  # a missing key, not a dual-BN mismatch
 
 
 def test_checkpoint_of_a_checkpoint_mismatch_fails_loudly(tmp_path):

@@ -1,5 +1,5 @@
 """The CUDA sources compile: `nvcc -c` on every csrc/**/*.cu (CI has nvcc but, like this machine,
-maybe no GPU and a CPU-only torch, so the .cu files include nothing from torch; ARCHITECTURE.md).
+maybe no GPU and a CPU-only torch, so the .cu files include nothing from torch; docs/design.md).
 The glue that registers the CUDA dispatch key needs a CUDA torch and is built only there."""
 
 import os
@@ -12,7 +12,7 @@ import pytest
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
 # Ampere and Hopper (bf16 arithmetic, the GPUs fastacl targets) plus nvcc's default target.
-ARCHITECTURES = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+GENCODE_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 
 
 def _nvcc() -> str | None:
@@ -37,7 +37,7 @@ def test_nvcc_compiles(source, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): cannot compile .cu files")
     command = [nvcc, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")),
-               "-std=c++17", "-O3", f"-I{source.parent}", *ARCHITECTURES]
+               "-std=c++17", "-O3", f"-I{source.parent}", *GENCODE_FLAGS]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert (tmp_path / (source.stem + ".o")).stat().st_size > 0

@@ -99,6 +99,35 @@ def test_kernels_with_small_blocks_cross_every_tile_boundary():
     assert relative_error(lse, expected_lse) <= 1e-5
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["sm_80", "sm_90"])
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+@pytest.mark.parametrize("n, d", [(37, 19), (20, 130)], ids=["d<=128", "d>128"])
+def test_every_launch_config_matches_the_float64_reference(n, d, tf32, capability):
+    """Each config branch of the launchers (target x dot path x width; kernels/nt_xent.py),
+    asked for explicitly: on the CPU the interpreter runs what a GPU of that capability gets.
+    bf16 shares the tf32 branch's tiles; the interpreter has no bf16 (the gpu tier runs it)."""
+    from fastacl.kernels import nt_xent as kernels
+
+    z1, z2 = _views(n, d)
+    grad_loss = torch.tensor(1.3, dtype=torch.float64)
+    expected = _loss_and_grads(nt_xent_reference, z1, z2, 0.2, grad_loss)
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.allow_tf32
+    matmul.allow_tf32 = tf32  # what the launchers read to choose the fp32 dot path
+    try:
+        assert kernels._dot_precision(torch.float32) == ("tf32" if tf32 else "ieee")
+        a, b = z1.float(), z2.float()
+        loss, lse = kernels.nt_xent_forward(a, b, 0.2, capability=capability)
+        grads = kernels.nt_xent_backward(grad_loss.float().to(a.device), a, b, lse, 0.2,
+                                         capability=capability)  # fmt: skip
+    finally:
+        matmul.allow_tf32 = allowed
+    # TF32 keeps 10 mantissa bits on a GPU; the interpreter multiplies in fp32 either way
+    tolerance = 5e-3 if tf32 and z1.is_cuda else 1e-4
+    errors = [relative_error(x, e) for x, e in zip((loss, *grads), expected, strict=True)]
+    assert max(errors) <= tolerance, errors
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The names of the kernel launchers called during the test, in order."""

@@ -22,7 +22,7 @@ ULP = torch.finfo(torch.float32).eps
 
 
 def canonical_linf(x_adv, grad, x_nat, eps, step_size):
-    """Spec section 3, written out: the sequence pgd_step_ must equal bit for bit."""
+    """docs/acl-air.md section 3, written out: the sequence pgd_step_ must equal bit for bit."""
     delta = x_adv - x_nat
     delta = delta + step_size * torch.sign(grad)
     delta = torch.clamp(delta, -eps, eps)

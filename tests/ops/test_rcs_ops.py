@@ -1,5 +1,5 @@
 """fastacl.ops.rcs_project and greedy_pick: both paths (the C++ extension, the PyTorch reference)
-against the definitions of spec/rcs.md sections 2-3 written out per row in float64, against
+against the definitions of docs/rcs.md sections 2-3 written out per row in float64, against
 explicit per-sample gradients of a head, and against a reference loop for the greedy pick."""
 
 import pytest
@@ -46,7 +46,7 @@ def make_projections(layers=LAYERS, k1=3, k2=4, seed=1):
 
 def definition(inputs, grad_outputs, mode, bias, projections=None, segment_ids=None,
                num_segments=None):
-    """Spec section 2 written out row by row in float64 (the oracle)."""
+    """docs/rcs.md section 2 written out row by row in float64 (the oracle)."""
     n = inputs[0].shape[0]
     rows = []
     for i in range(n):

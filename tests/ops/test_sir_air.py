@@ -76,14 +76,14 @@ def kernels():
     return pytest.importorskip("fastacl.kernels.sir_air")
 
 
-# --- the reference against the spec -------------------------------------------------------------
+# --- the reference against docs/acl-air.md section 6 -------------------------------------------
 
 
 @pytest.mark.parametrize("temperature", [0.2, 0.5])
 def test_reference_is_the_spec_formulas(temperature):
-    """A direct transcription of spec section 6 with F.kl_div (sum reduction): kl_div(input,
-    target) = sum target (log target - input), so the exact form passes log P_i and the released
-    code's form passes P_i itself as the input."""
+    """A direct transcription of docs/acl-air.md section 6 with F.kl_div (sum reduction):
+    kl_div(input, target) = sum target (log target - input), so the exact form passes log P_i and
+    the released code's form passes P_i itself as the input."""
     z1, z2, z_orig, z1_adv, z2_adv = _inputs(5, 6, 4)
 
     def softmax_of(a, b):
