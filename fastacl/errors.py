@@ -27,3 +27,7 @@ class RunDirError(FastaclError, FileExistsError):
 
 class BadFileError(FastaclError, ValueError):
     """A file is there but is not what fastacl expected (corrupt, truncated, another format)."""
+
+
+class BackendError(FastaclError, RuntimeError):
+    """A forced backend (FASTACL_BACKEND, use_backend) cannot run here."""

@@ -235,15 +235,23 @@ def test_a_failed_write_is_one_sentence_and_keeps_the_last_checkpoint(name, code
 
 @pytest.mark.slow
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS], ids=["ENOSPC", "EROFS"])
-def test_a_failed_evaluation_json_is_one_sentence(code, tmp_path, monkeypatch, capsys):
+def test_a_failed_evaluation_json_is_one_sentence(code, tmp_path):
     run = fastacl.train(out_dir=str(tmp_path / "run"), **{**RUN, "epochs": 1})
-    _inject(monkeypatch, "eval.json", code)
-    status = cli_main(["evaluate", "--checkpoint", str(run.checkpoint), "--modes", "slf",
-                       "--attacks", "pgd20", "--epochs", "1", "--max-test", "8",
-                       "--max-train", "64", "--json", str(tmp_path / "eval.json")])
-    err = capsys.readouterr().err
-    assert status == 2 and "eval.json" in err and "Traceback" not in err
-    assert not (tmp_path / "eval.json").exists()
+    status, err = _evaluation_json_case(run.checkpoint, tmp_path / "eval.json", code)
+    assert status == 2 and "eval.json:" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*eval.json*"))
+
+
+def _evaluation_json_case(checkpoint: Path, path: Path, code: int) -> tuple[int, str]:
+    """`fastacl evaluate --json path` with the write of `path` failing; (exit code, stderr)."""
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _inject(monkeypatch, path.name, code)
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            status = cli_main(["evaluate", "--checkpoint", str(checkpoint), "--modes", "slf",
+                               "--attacks", "pgd20", "--epochs", "1", "--max-test", "8",
+                               "--max-train", "64", "--json", str(path)])
+    return status, stderr.getvalue()
 
 
 # ---- bad starts --------------------------------------------------------------------------------
@@ -251,10 +259,10 @@ def test_a_failed_evaluation_json_is_one_sentence(code, tmp_path, monkeypatch, c
 # (case, argv after `fastacl`, expected exit code, fragment of the message, what it did before)
 BAD_STARTS = [
     ("eps in pixel units", ["train", "--eps", "8"], 2, "did you mean 8/255",
-     "failed at the first step, after config.json was written"),
+     "exit 2 at the first step, after config.json was written (a rerun refused the dir)"),
     ("unknown interpolation", ["train", "--interpolation", "nearest"], 2,
      "interpolation must be one of bicubic, bilinear",
-     "failed at the first step, after config.json was written"),
+     "exit 2 at the first step, after config.json was written (a rerun refused the dir)"),
     ("no attack for an adversarial method", ["train", "--attack-steps", "0"], 2,
      "attack_steps must be an integer >= 1", "trained 'acl' without an attack, silently"),
     ("closing-check budget in pixel units", ["train", "--eval-eps", "8"], 2,
@@ -262,9 +270,9 @@ BAD_STARTS = [
     ("CUDA without a GPU", ["train", "--device", "cuda"], 2, "sees no CUDA device",
      "AssertionError traceback"),
     ("resume of a dir that does not exist", ["train", "--resume", "{tmp}/nowhere"], 2,
-     "there is no run dir", "'checkpoint.pt does not exist'"),
+     "there is no run dir", "exit 2: '<dir>/checkpoint.pt does not exist (is <dir> a run dir?)'"),
     ("out dir is a file", ["train", "--out-dir", "{tmp}/a-file"], 2, "is a file",
-     "OSError traceback"),
+     "exit 2: '[Errno 17] File exists'"),
 ]
 
 
@@ -352,6 +360,12 @@ def _table() -> str:
                     after = f"loads, next epoch {saved['epoch']}"
                 rows.append(f"| {name} | {errno.errorcode[code]} | OSError traceback | "
                             f"{status}: {cell(err, tmp)} | {after} ({state_before}) |")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = fastacl.train(out_dir=str(Path(tmp) / "run"), **{**RUN, "epochs": 1})
+        for code in (errno.ENOSPC, errno.EROFS):
+            status, err = _evaluation_json_case(run.checkpoint, Path(tmp) / "eval.json", code)
+            rows.append(f"| eval.json (`fastacl evaluate --json`) | {errno.errorcode[code]} | "
+                        f"OSError traceback | {status}: {cell(err, tmp)} | (not touched) |")
     rows += ["", "## SIGKILL, then continue", "",
              "| killed | then | parameters vs an uninterrupted run | metrics.jsonl epochs | "
              "temporary files left |", "|---|---|---|---|---|"]

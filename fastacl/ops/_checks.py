@@ -19,6 +19,9 @@ def check_embeddings(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{op}: {name} needs at least 2 rows (a batch of N >= 2 samples), got {t.shape[0]}"
             )
+        if t.shape[1] == 0:  # cosine similarity of empty vectors is undefined
+            raise ValueError(f"{op}: {name} has no features (shape {tuple(t.shape)}): d must be "
+                             ">= 1")
         if t.shape != first.shape:
             raise ValueError(
                 f"{op}: {name} has shape {tuple(t.shape)} but {first_name} has "

@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from fastacl.errors import BackendError
+
 BACKENDS = ("auto", "triton", "cpp", "torch")
 
 _local = threading.local()
@@ -80,9 +82,9 @@ def select(op: str, tensor: torch.Tensor, paths: tuple[str, ...]) -> str:
         return "torch"
     if requested == "triton":
         if not triton_available():
-            raise RuntimeError(f"{op}: FASTACL_BACKEND=triton but triton is not installed")
+            raise BackendError(f"{op}: FASTACL_BACKEND=triton but triton is not installed")
         if not (tensor.is_cuda or triton_interpreter()):
-            raise RuntimeError(
+            raise BackendError(
                 f"{op}: FASTACL_BACKEND=triton needs CUDA tensors, got a {tensor.device} tensor; "
                 "to run the Triton kernels on the CPU set TRITON_INTERPRET=1 before importing "
                 "fastacl"
@@ -92,7 +94,7 @@ def select(op: str, tensor: torch.Tensor, paths: tuple[str, ...]) -> str:
     from fastacl.ops._extension import extension_available, extension_status
 
     if not extension_available():
-        raise RuntimeError(
+        raise BackendError(
             f"{op}: FASTACL_BACKEND=cpp but the C++ extension is not available: "
             f"{extension_status()['detail']}"
         )

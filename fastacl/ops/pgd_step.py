@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from fastacl.errors import ConfigError
 from fastacl.ops import _dispatch
 
 NORMS = ("linf", "l2")
@@ -139,15 +140,19 @@ def _(x_adv, grad, x_nat, eps, step_size, norm) -> None:
     return None
 
 
-def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: float = 8 / 255,
-              step_size: float = 2 / 255, norm: str = "linf") -> torch.Tensor:
+def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor,
+              eps: float | torch.Tensor = 8 / 255, step_size: float = 2 / 255,
+              norm: str = "linf") -> torch.Tensor:
     """One PGD update of x_adv in place, projected onto the eps-ball around x_nat and [0, 1].
 
     Args:
         x_adv: current adversarial images [N, ...] (updated in place; not a leaf requiring grad).
         grad: gradient of the attack loss at x_adv, same shape, dtype and device.
         x_nat: the clean images the budget is measured from, pixels in [0, 1].
-        eps: radius of the ball; l_inf eps must be in (0, 1] (8/255, not 8).
+        eps: radius of the ball; l_inf eps must be in (0, 1] (8/255, not 8). A Python number,
+            a 0-d tensor, or a per-sample budget: a tensor of N values ([N] or [N, 1, ..., 1]),
+            each checked like a number (one read-back of the tensor). A per-sample budget runs
+            the PyTorch reference (the fused kernels take one eps).
         step_size: step length (alpha); larger than eps is legal and warns.
         norm: "linf" (sign step, per-pixel clip) or "l2" (normalised step, per-sample rescale).
 
@@ -155,6 +160,24 @@ def pgd_step_(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps:
         x_adv (the same tensor, updated).
     """
     _check_tensors(x_adv, grad, x_nat)
+    if isinstance(eps, torch.Tensor) and eps.dim() > 0:
+        per_sample = _per_sample_budget(eps, x_adv)
+        for value in per_sample.flatten().tolist():  # each value checked as a number would be
+            check_budget("pgd_step_", value, step_size, norm)
+        pgd_step_reference_(x_adv, grad, x_nat, per_sample, float(step_size), norm)
+        return x_adv
     eps, step_size = check_budget("pgd_step_", eps, step_size, norm)
     _pgd_step_op(x_adv, grad, x_nat, eps, step_size, norm)
     return x_adv
+
+
+def _per_sample_budget(eps: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+    """eps of N values as [N, 1, ..., 1] (broadcasting against x_adv), in x_adv's dtype/device."""
+    n = x_adv.shape[0]
+    trailing = (1,) * (x_adv.dim() - 1)
+    if eps.shape not in ((n,), (n, *trailing)):
+        raise ConfigError(
+            f"pgd_step_: a tensor eps must be 0-d, [N] or [N, 1, ..., 1] for a per-sample "
+            f"budget (N = {n}, x_adv {tuple(x_adv.shape)}), got shape {tuple(eps.shape)}"
+        )
+    return eps.to(device=x_adv.device, dtype=x_adv.dtype).reshape(n, *trailing)

@@ -283,3 +283,9 @@ def test_gpu_auto_backend_runs_the_kernels_and_passes_opcheck(kernel_calls):
     torch.library.opcheck(
         nt_xent_forward, (z1.clone().requires_grad_(), z2.clone().requires_grad_(), 0.5)
     )
+
+
+def test_an_empty_feature_dimension_is_an_error():
+    z = torch.zeros(8, 0)
+    with pytest.raises(ValueError, match=r"no features \(shape \(8, 0\)\): d must be >= 1"):
+        ops.nt_xent(z, z.clone())

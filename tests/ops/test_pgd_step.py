@@ -246,3 +246,36 @@ def test_gpu_kernel_matches_fp32_reference(dtype, norm):
         assert torch.equal(x_adv, expected.to(dtype))
     else:
         assert relative_error(x_adv, expected) < {torch.float32: 1e-6}.get(dtype, 1e-2)
+
+
+# ---- the budget as a number, a 0-d tensor or per sample ---------------------------------------
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("shape", ["vector", "broadcast"])
+def test_a_per_sample_budget_is_each_sample_with_its_own_eps(norm, shape):
+    g = torch.Generator().manual_seed(5)
+    x_nat = torch.rand(5, 3, 7, 9, generator=g, dtype=torch.float64)
+    grad = torch.randn(5, 3, 7, 9, generator=g, dtype=torch.float64)
+    x_adv = (x_nat + 0.02 * torch.randn(5, 3, 7, 9, generator=g, dtype=torch.float64)).clamp(0, 1)
+    budgets = torch.tensor([0.01, 0.02, 0.03, 0.05, 0.1], dtype=torch.float64)
+    eps = budgets if shape == "vector" else budgets.view(5, 1, 1, 1)
+    ours = pgd_step_(x_adv.clone(), grad, x_nat, eps=eps, step_size=0.01, norm=norm)
+    for k in range(5):  # the same as k's image alone with its scalar budget
+        alone = pgd_step_(x_adv[k:k + 1].clone(), grad[k:k + 1], x_nat[k:k + 1],
+                          eps=float(budgets[k]), step_size=0.01, norm=norm)
+        torch.testing.assert_close(ours[k:k + 1], alone, rtol=0, atol=1e-15)
+    zero_d = pgd_step_(x_adv.clone(), grad, x_nat, eps=torch.tensor(0.03, dtype=torch.float64),
+                       step_size=0.01, norm=norm)
+    torch.testing.assert_close(zero_d, pgd_step_(x_adv.clone(), grad, x_nat, eps=0.03,
+                                                 step_size=0.01, norm=norm), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eps, message", [
+    (torch.full((4,), 0.03), r"\[N\] or \[N, 1, \.\.\., 1\].*N = 5.*got shape \(4,\)"),
+    (torch.full((5, 3), 0.03), r"got shape \(5, 3\)"),
+    (torch.tensor([0.03, 0.03, 8.0, 0.03, 0.03]), r"eps must be in \(0, 1\], got 8.0"),
+])
+def test_a_bad_tensor_budget_names_the_shapes_or_the_value(eps, message):
+    x = torch.rand(5, 3, 4, 4)
+    with pytest.raises(ValueError, match=message):
+        pgd_step_(x.clone(), torch.randn_like(x), x, eps=eps, step_size=0.01)
