@@ -111,7 +111,7 @@ class _LogLines:
     def __init__(self, total: int, desc: str, unit: str, interval: float, initial: int) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.n = self.initial = initial  # a resumed run starts part-way: not work done now
-        self.postfix = ""
+        self.postfix, self.written = "", None
         self.start = self.last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -129,12 +129,14 @@ class _LogLines:
         rate = (self.n - self.initial) / elapsed
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f} s" if eta != float("inf") else "?"
+        self.written = self.n
         print(f"fastacl: {self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.3g} "
               f"{self.unit}/s, ETA {eta_text} {self.postfix}".rstrip(),
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.last > self.start:  # a line was written: say where the work ended
+        # Work long enough to have printed a line: say where it ended (once).
+        if self.last > self.start and self.written != self.n:
             self._write(time.monotonic())
 
 

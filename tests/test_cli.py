@@ -62,3 +62,34 @@ def test_train_accepts_a_fraction_for_every_float_option(tmp_path):
         text=True,
     )
     assert result.returncode == 2 and "a fraction like 8/255" in result.stderr
+
+
+def test_debug_shows_the_traceback_of_a_one_sentence_error(tmp_path):
+    argv = [sys.executable, "-m", "fastacl", "train", "--eps", "8", "--out-dir",
+            str(tmp_path / "run")]
+    plain = subprocess.run(argv, capture_output=True, text=True)
+    debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_progress_off_a_terminal_is_a_line_every_interval(capsys, monkeypatch):
+    """nohup, a log file, a cluster job: no bar, a plain line at a steady interval."""
+    import time
+
+    from fastacl.utils import progress
+
+    clock = iter([0.0, 0.0, 10.0, 31.0, 45.0, 50.0, 70.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    bar = progress(6, "epoch 1/5", initial=1, interval=30.0)
+    for _ in range(5):
+        bar.set_postfix(loss="1.0")
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    # A line at t = 31 (30 s after the start; a resumed epoch starts at step 1), none at 45 or
+    # 50 (under 30 s later), and the last state at close.
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("fastacl: epoch 1/5: 4/6 steps") and "loss=1.0" in lines[0]
+    assert "ETA" in lines[0] and lines[1].startswith("fastacl: epoch 1/5: 6/6 steps")
