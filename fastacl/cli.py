@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="fine-tune and test a pre-trained encoder: SLF / ALF / AFF, PGD-20, "
-        "AutoAttack (spec section 8)"
+        "AutoAttack (docs/acl-air.md section 8)"
     )
     evaluate.add_argument("--checkpoint", required=True, metavar="PATH",
                           help="a fastacl checkpoint (fastacl train's checkpoint.pt) or a "

@@ -34,11 +34,12 @@ CORESETS = (None, "rcs", "random")
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "mnist5k")
 INTERPOLATIONS = ("bicubic", "bilinear")
 MODELS = ("resnet18", "resnet18-small")
-# RCS choices (fastacl.coreset; docs/rcs.md sections 2-3).
+# RCS choices (fastacl.coreset; docs/rcs.md sections 2-3 and 7).
 GRANULARITIES = ("batch", "sample")
 REFRESHES = ("exact", "cached")
 DIVERGENCES = ("minmax-kl", "softmax-kl")
 BUDGET_ROUNDINGS = ("truncate", "floor")
+VALIDATION_HANDLINGS = ("all", "released-half")
 
 # Preset values; an explicit value (anything not None) overrides them.
 PRESET_VALUES: dict[str, dict[str, Any]] = {
@@ -163,6 +164,9 @@ class CoresetConfig:
     budget_rounding: str = option("truncate", "truncate | floor (published: whole minibatches)")
     validation: float = option(0.01, "share of the training images held out as the RCS "
                                      "validation set U")
+    validation_handling: str = option("all", "all | released-half: every image of U once, or "
+                                             "the published code's first half of each "
+                                             "validation minibatch, each image twice")
 
 
 @dataclass
@@ -439,7 +443,8 @@ def _check_coreset(cfg: TrainConfig) -> None:
         raise ConfigError("coreset='rcs' needs a validation set U: coreset_validation must be "
                           "> 0")
     for name, choices in (("granularity", GRANULARITIES), ("refresh", REFRESHES),
-                          ("divergence", DIVERGENCES), ("budget_rounding", BUDGET_ROUNDINGS)):
+                          ("divergence", DIVERGENCES), ("budget_rounding", BUDGET_ROUNDINGS),
+                          ("validation_handling", VALIDATION_HANDLINGS)):
         check_choice("coreset_" + name, getattr(c, name), choices)
     check_choice("coreset_precision", c.precision, PRECISIONS)
     _check_positive_int(c.refresh_every, "coreset_refresh_every")

@@ -31,6 +31,16 @@ Choices, stated:
 - RD attack on U: PGD maximising d, 3 steps of 1.25 eps / 3 from a uniform start, the spec's
   "3 steps of (10/255)/3 at eps 8/255" scaled to the run's eps; h(x) through the "normal" BN and
   h(x~) through the "adv" BN, model in eval mode. U is the unaugmented images.
+- Random starts (the pool pass's PGD and the RD attack): x + U[-eps, eps] clipped to [0, 1]
+  before the first forward; `clip_random_start=False` reproduces the released code's unclipped
+  start.
+- U: every image once (`validation_handling="all"`). The released code keeps only the first
+  rows of each validation minibatch, so that each minibatch of d images becomes its first
+  ceil(d / 2) images, each twice (the last one once when d is odd);
+  `validation_handling="released-half"` reproduces that (`released_validation_rows`).
+- dtype: the round computes in the model's dtype (the head's), at least fp32: a float64 model
+  gives float64 projections, v and gains. The attacks evaluate their losses in fp32
+  (fastacl.attacks); their adversarial images are in the model's dtype.
 - d: "minmax-kl" (the authors' CIFAR/STL code) or "softmax-kl" (their ImageNet code), see
   `representational_divergence`.
 - The pool is split into minibatches of the training batch size; a last minibatch of a single
@@ -68,11 +78,13 @@ __all__ = [
     "DIVERGENCES",
     "GRANULARITIES",
     "REFRESHES",
+    "VALIDATION_HANDLINGS",
     "CoresetSelection",
     "coreset_budget",
     "head_linear_layers",
     "random_coreset",
     "rd_attack",
+    "released_validation_rows",
     "representational_divergence",
     "select_coreset",
     "validation_split",
@@ -82,6 +94,7 @@ GRANULARITIES = ("batch", "sample")
 REFRESHES = ("exact", "cached")
 DIVERGENCES = ("minmax-kl", "softmax-kl")
 BUDGET_ROUNDINGS = ("truncate", "floor")
+VALIDATION_HANDLINGS = ("all", "released-half")
 
 # docs/rcs.md section 1: U is 1% of the training split (0.5% on ImageNet); at least a handful of
 # images so that RD is not the divergence of a single one.
@@ -149,6 +162,19 @@ def random_coreset(pool: torch.Tensor, fraction: float,
     return pool[torch.randperm(pool.numel(), generator=generator)[:budget]].sort().values
 
 
+def released_validation_rows(validation: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The rows of U that the released code attacks (docs/rcs.md section 7), as indices.
+
+    Its validation loader yields minibatches of d images, each as its two views stacked
+    [d, 2, ...] (for CIFAR both views are the unaugmented image); `view(2d, ...)` interleaves
+    them (image 0, image 0, image 1, image 1, ...) and `[:d]` keeps the first d rows: the first
+    ceil(d / 2) images of the minibatch, each twice (the last once when d is odd). Minibatches
+    are the training batch size, over U in order (its loader does not shuffle).
+    """
+    return torch.cat([chunk.repeat_interleave(2)[: chunk.numel()]
+                      for chunk in validation.split(batch_size)])
+
+
 # ---- the model's head ----------------------------------------------------------------------------
 
 def head_linear_layers(model: nn.Module) -> list[nn.Linear]:
@@ -174,9 +200,20 @@ def head_linear_layers(model: nn.Module) -> list[nn.Linear]:
     return layers
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16 / fp32 (what autocast hands back), float64 kept: the round's precision is
+    the model's, never below fp32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _round_dtype(layers: list[nn.Linear]) -> torch.dtype:
+    """The dtype the round feeds the model and computes in: the head's, at least fp32."""
+    return torch.promote_types(layers[0].weight.dtype, torch.float32)
+
+
 def _head(model: nn.Module, features: torch.Tensor, branch: str) -> torch.Tensor:
     with bn_branch(model, branch):
-        return model.head(features).float()
+        return _at_least_fp32(model.head(features))
 
 
 def _on_branch(model: nn.Module, branch: str, fold_bn: bool) -> nn.Module:
@@ -205,7 +242,7 @@ def _features(encoder, x: torch.Tensor, batch_size: int,
     autocast = torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
                               enabled=autocast_dtype is not None)
     with torch.no_grad(), autocast:
-        return torch.cat([encoder(chunk).float() for chunk in x.split(batch_size)])
+        return torch.cat([_at_least_fp32(encoder(chunk)) for chunk in x.split(batch_size)])
 
 
 def _head_pairs(model, layers, inputs, loss_fn):
@@ -233,8 +270,8 @@ def _head_pairs(model, layers, inputs, loss_fn):
     h, delta, k = [], [], 0
     for layer in layers:
         calls = len(records[layer])
-        h.append(torch.cat([inp.float() for inp, _ in records[layer]]))
-        delta.append(torch.cat([g.float() for g in grads[k : k + calls]]))
+        h.append(torch.cat([_at_least_fp32(inp) for inp, _ in records[layer]]))
+        delta.append(torch.cat([_at_least_fp32(g) for g in grads[k : k + calls]]))
         k += calls
     return loss.detach(), h, delta
 
@@ -268,12 +305,14 @@ def representational_divergence(z_adv: torch.Tensor, z_nat: torch.Tensor,
 def rd_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float | None = None,
               steps: int = RD_STEPS, divergence: str = "minmax-kl",
               generator: torch.Generator | None = None, batch_size: int = 512,
-              fold_bn: bool = True) -> torch.Tensor:
+              fold_bn: bool = True, clip_random_start: bool = True) -> torch.Tensor:
     """x~ = argmax over the l_inf eps-ball of d(h(x', "adv"), h(x, "normal")), by PGD from a
     uniform start (docs/rcs.md section 1); step_size defaults to 1.25 eps / 3. d is separable
     over the images, so the attack runs in chunks of batch_size. fold_bn: run fastacl's
-    ResNet-18 through its folded eval-mode mirrors (same function, no BN kernels). Returns x~
-    (detached)."""
+    ResNet-18 through its folded eval-mode mirrors (same function, no BN kernels).
+    clip_random_start: clip the start x + U[-eps, eps] to [0, 1] (fastacl); False reproduces
+    the released code, whose first forward sees it unclipped (every step is still projected
+    onto the ball and [0, 1]). Returns x~ (detached)."""
     step_size = RD_STEP_RATIO * eps if step_size is None else step_size
     natural, adversarial = (_on_branch(model, branch, fold_bn) for branch in ("normal", "adv"))
     out = []
@@ -287,7 +326,7 @@ def rd_attack(model: nn.Module, x: torch.Tensor, eps: float, step_size: float | 
                 z_adv = _forward(adversarial, x_adv, "adv")
             return representational_divergence(z_adv, z_nat, divergence)
 
-        start = _uniform_start(chunk, eps, generator, clip=True)
+        start = _uniform_start(chunk, eps, generator, clip=clip_random_start)
         with frozen_eval(model):
             out.append(_ascend(adversarial, divergence_of, chunk, start, eps, step_size, steps))
     return torch.cat(out)
@@ -334,6 +373,8 @@ def select_coreset(
     simulated_lr: float = 0.01,
     simulated_steps: int = 1,
     budget_rounding: str = "truncate",
+    validation_handling: str = "all",
+    clip_random_start: bool = True,
     rd_steps: int = RD_STEPS,
     rd_step_size: float | None = None,
     strength: float = 1.0,
@@ -365,13 +406,19 @@ def select_coreset(
         budget_rounding: "truncate" (ceil(budget / B) minibatches, the last truncated: exactly
             the budget) | "floor" (budget // B whole minibatches, the published code; batch
             granularity only).
+        validation_handling: "all" (every image of U once) | "released-half" (the released
+            code's truncation of each validation minibatch of d images to its first ceil(d / 2)
+            images, each twice: `released_validation_rows`).
+        clip_random_start: clip the random starts of the pool pass's PGD and of the RD attack
+            to [0, 1] (fastacl); False: the released code's unclipped starts.
         rd_steps, rd_step_size: the RD attack on U (3 steps of 1.25 eps / 3 by default).
         strength, interpolation: augmentation of the candidates' views.
         generator: CPU generator of the pool's shuffle and the views; attack_generator: the PGD
             random starts (on the model's device).
         autocast_dtype: torch.bfloat16 runs the pass over the pool (its PGD and backbone
             forwards, most of a round's cost) under bf16 autocast, as a bf16 training run does;
-            the head gradients, U's attack and the greedy loop stay fp32. None: fp32.
+            the head gradients, U's attack and the greedy loop stay fp32. None: the model's
+            dtype (fp32, or float64 for a float64 model, end to end).
         fold_bn: run the frozen eval-mode model (pool pass, U's attack and features) through
             its folded mirrors (fastacl.models.folded): the same function up to float rounding,
             without the BN kernels. Only fastacl's ResNet-18 folds; other models run as they are.
@@ -383,7 +430,7 @@ def select_coreset(
     _check_round_options(granularity=granularity, refresh=refresh, divergence=divergence,
                          budget_rounding=budget_rounding, refresh_every=refresh_every,
                          simulated_lr=simulated_lr, simulated_steps=simulated_steps,
-                         batch_size=batch_size)
+                         batch_size=batch_size, validation_handling=validation_handling)
     layers = head_linear_layers(model)
     bias = [layer.bias is not None for layer in layers]
     pool, validation = _checked_split(pool, validation)
@@ -397,13 +444,16 @@ def select_coreset(
             eps=eps, step_size=step_size, attack_steps=attack_steps, temperature=temperature,
             strength=strength, interpolation=interpolation, generator=generator,
             attack_generator=attack_generator, autocast_dtype=autocast_dtype, fold_bn=fold_bn,
-            progress=progress,
+            clip_random_start=clip_random_start, progress=progress,
         )
         pass_seconds = time.perf_counter() - start_time
+        rows = (released_validation_rows(validation, batch_size)
+                if validation_handling == "released-half" else validation)
         rd = _ValidationGradient(
-            model, layers, bias, dataset.fetch(validation).to(torch.float32) / 255.0, eps=eps,
+            model, layers, bias, dataset.fetch(rows).to(_round_dtype(layers)) / 255.0, eps=eps,
             step_size=rd_step_size, steps=rd_steps, divergence=divergence,
             generator=attack_generator, batch_size=batch_size, fold_bn=fold_bn,
+            clip_random_start=clip_random_start,
         )
         v = rd.projection()
         initial_gains = (candidates.projections @ v).cpu()
@@ -416,6 +466,7 @@ def select_coreset(
         indices=torch.cat(chosen), elements=candidates.elements, picks=picks,
         initial_gains=initial_gains, budget=budget, seconds=time.perf_counter() - start_time,
         details={"granularity": granularity, "refresh": refresh, "divergence": divergence,
+                 "validation_handling": validation_handling, "validation_rows": rows.numel(),
                  "validation_attacks": rd.attacks, "pass_seconds": pass_seconds,
                  "elements": len(candidates.elements)},
     )
@@ -476,8 +527,9 @@ def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, l
 # ---- the round's arguments and the head it changes -----------------------------------------------
 
 def _check_round_options(*, granularity, refresh, divergence, budget_rounding, refresh_every,
-                         simulated_lr, simulated_steps, batch_size) -> None:
+                         simulated_lr, simulated_steps, batch_size, validation_handling) -> None:
     check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("validation_handling", validation_handling, VALIDATION_HANDLINGS)
     check_choice("refresh", refresh, REFRESHES)
     check_choice("divergence", divergence, DIVERGENCES)
     check_choice("budget_rounding", budget_rounding, BUDGET_ROUNDINGS)
@@ -596,10 +648,12 @@ class _Candidates:
 def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
                          step_size, attack_steps, temperature, strength, interpolation,
                          generator, attack_generator, autocast_dtype=None,
-                         fold_bn=True, progress: bool | None = True) -> _Candidates:
+                         fold_bn=True, clip_random_start=True,
+                         progress: bool | None = True) -> _Candidates:
     """Step 1 of the round: one pass over the shuffled pool in augmented minibatches, the
     adversarial views by PGD, and each element's (H, Delta) rows and projection r_e at phi0."""
     order = pool[torch.randperm(pool.numel(), generator=generator)]
+    dtype = _round_dtype(layers)
     loss = functools.partial(_selection_loss, temperature=temperature)
     # The backbone and phi0 do not change during the pass: the mirrors are refreshed once.
     attacked = _on_branch(model, "adv", fold_bn)
@@ -609,9 +663,11 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
     bar = progress_bar(len(minibatches), "RCS pass over the pool", progress, unit="batch")
     for index in minibatches:
         x1, x2, _ = dataset.views(index, strength, generator, interpolation)
+        x1, x2 = x1.to(dtype), x2.to(dtype)  # fp32 views; no copy for an fp32 model
         x1_adv, x2_adv = pgd_contrastive(attacked, x1, x2, eps=eps, step_size=step_size,
                                          steps=attack_steps, generator=attack_generator,
-                                         temperature=temperature, autocast_dtype=autocast_dtype)
+                                         temperature=temperature, autocast_dtype=autocast_dtype,
+                                         clip_random_start=clip_random_start)
         rows = 2 * index.numel()
         f_adv = _features(encoder_adv, torch.cat([x1_adv, x2_adv]), rows, autocast_dtype)
         f_nat = _features(encoder_nat, torch.cat([x1, x2]), rows, autocast_dtype)
@@ -703,12 +759,13 @@ class _ValidationGradient:
     """
 
     def __init__(self, model, layers, bias, x_u: torch.Tensor, *, eps, step_size, steps,
-                 divergence, generator, batch_size, fold_bn) -> None:
+                 divergence, generator, batch_size, fold_bn, clip_random_start) -> None:
         self.model, self.layers, self.bias, self.divergence = model, layers, bias, divergence
         self.x_u, self.batch_size = x_u, batch_size
         self.attack_options = dict(eps=eps, step_size=step_size, steps=steps,
                                    divergence=divergence, generator=generator,
-                                   batch_size=batch_size, fold_bn=fold_bn)
+                                   batch_size=batch_size, fold_bn=fold_bn,
+                                   clip_random_start=clip_random_start)
         self.f_nat = _features(_encoder(model, "normal", fold_bn), x_u, batch_size)
         # The simulated steps change the head only: the backbone's features stay valid.
         self.encoder_adv = _encoder(model, "adv", fold_bn)

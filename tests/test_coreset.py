@@ -18,6 +18,7 @@ from fastacl.coreset import (
     coreset_budget,
     head_linear_layers,
     random_coreset,
+    rd_attack,
     representational_divergence,
     select_coreset,
     validation_split,
@@ -245,6 +246,171 @@ def test_doubled_step_equals_twice_the_learning_rate(dataset):
     assert twice.picks == double.picks
 
 
+# ---- float64, the released code's options, defaults ---------------------------------------------
+
+def _minmax_kl(z_adv, z_nat):
+    """d of docs/rcs.md section 1, written from the formula: rows min-max normalised, + 1e-8."""
+    def n(z):
+        low, high = z.min(1, keepdim=True).values, z.max(1, keepdim=True).values
+        return (z - low) / (high - low + 1e-12)
+
+    q, p = n(z_adv) + 1e-8, n(z_nat) + 1e-8
+    return (q * (q.log() - p.log())).mean()
+
+
+def _rowmean(grads):
+    """The authors' reduction of each head Linear gradient (docs/rcs.md section 2): the mean over
+    the output units, weight block then bias block, layer by layer."""
+    return torch.cat([g.mean(0).reshape(-1) for g in grads])
+
+
+def test_float64_round_gains_are_the_published_objective(dataset, monkeypatch):
+    """A float64 round at sample granularity: its first-pick gains are <r_e, v>, restated here
+    with autograd (docs/rcs.md sections 1-3): r_e = rowmean of N_b x the gradient of the
+    minibatch's ACL loss through sample e's 4 rows only (its own copy of the head's Linear
+    parameters), v = rowmean of the gradient of RD(U). The attacks' images are observed, not
+    recomputed."""
+    pool_attacks, u_attacks = [], []
+    pgd, rd = coreset.pgd_contrastive, coreset.rd_attack
+
+    def pgd_spy(model, x1, x2, **kwargs):
+        out = pgd(model, x1, x2, **kwargs)
+        pool_attacks.append((x1, x2, *out))
+        return out
+
+    def rd_spy(model, x, **kwargs):
+        out = rd(model, x, **kwargs)
+        u_attacks.append((x, out))
+        return out
+
+    monkeypatch.setattr(coreset, "pgd_contrastive", pgd_spy)
+    monkeypatch.setattr(coreset, "rd_attack", rd_spy)
+    model = _model().double()
+    _, _, selection = _select(model, dataset, granularity="sample", refresh="cached",
+                              refresh_every=10_000)
+    assert selection.initial_gains.dtype == torch.float64
+
+    model.eval()
+    linears = [(name, m) for name, m in model.head.named_modules() if isinstance(m, nn.Linear)]
+    names = [f"{name}.{p}" for name, m in linears for p, _ in m.named_parameters()]
+
+    def features(x, branch):
+        with torch.no_grad():
+            return model.backbone(x, branch=branch)
+
+    def head(f, branch, params):
+        return torch.func.functional_call(model.head, params, (f,), {"branch": branch})
+
+    shared = {n: p.detach() for n, p in model.head.named_parameters() if n in names}
+    r = []
+    for x1, x2, x1_adv, x2_adv in pool_attacks:
+        b = x1.shape[0]
+        f_adv = features(torch.cat([x1_adv, x2_adv]), "adv")
+        f_nat = features(torch.cat([x1, x2]), "normal")
+        copies = [{n: p.clone().requires_grad_(True) for n, p in shared.items()}
+                  for _ in range(b)]
+        rows = [i % b for i in range(2 * b)]  # view 1 then view 2 of each image
+        z_adv = torch.cat([head(f_adv[i : i + 1], "adv", copies[s]) for i, s in enumerate(rows)])
+        z_nat = torch.cat([head(f_nat[i : i + 1], "normal", copies[s])
+                           for i, s in enumerate(rows)])
+        loss = 0.5 * (nt_xent(z_nat[:b], z_nat[b:], 0.5) + nt_xent(z_adv[:b], z_adv[b:], 0.5))
+        grads = torch.autograd.grad(loss, [c[n] for c in copies for n in names])
+        r += [b * _rowmean(grads[s * len(names) : (s + 1) * len(names)]) for s in range(b)]
+    x_u, x_u_adv = u_attacks[0]
+    params = {n: p.clone().requires_grad_(True) for n, p in shared.items()}
+    rd_u = _minmax_kl(head(features(x_u_adv, "adv"), "adv", params),
+                      head(features(x_u, "normal"), "normal", params))
+    v = _rowmean(torch.autograd.grad(rd_u, [params[n] for n in names]))
+    gains = torch.stack(r) @ v
+
+    assert len(r) == len(selection.elements) == 88  # every pool image, in element order
+    # fp64 agreement (an fp32 round is off by ~1e-6 relative).
+    assert relative_error(selection.initial_gains, gains) < 1e-10
+    assert selection.picks[0] == int(gains.argmax())
+
+
+def test_unclipped_rd_start_is_the_released_first_step(dataset):
+    """clip_random_start=False: the first forward of the RD attack sees x + U[-eps, eps]
+    unclipped; the step from there is then projected onto the eps-ball and [0, 1]."""
+    model = _model().eval()
+    x = dataset.fetch(torch.arange(6)).float() / 255.0
+    eps, step = 0.15, 0.05
+    attacked = {clip: rd_attack(model, x, eps, step_size=step, steps=1, fold_bn=False,
+                                generator=torch.Generator().manual_seed(3),
+                                clip_random_start=clip)
+                for clip in (False, True)}
+
+    delta = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(3))
+    start = (x + delta).requires_grad_(True)
+    assert start.min() < 0  # MNIST's black background: the unclipped start leaves [0, 1]
+    with torch.no_grad():
+        z_nat = model(x, branch="normal")
+    (grad,) = torch.autograd.grad(_minmax_kl(model(start, branch="adv"), z_nat), start)
+    expected = torch.minimum(torch.maximum(start.detach() + step * grad.sign(), x - eps),
+                             x + eps).clamp(0, 1)
+    torch.testing.assert_close(attacked[False], expected, atol=1e-6, rtol=0)
+    assert (attacked[False] - attacked[True]).abs().max() > 0.01
+
+
+def test_clip_random_start_reaches_both_attacks_of_the_round(dataset, monkeypatch):
+    seen = []
+    pgd, rd = coreset.pgd_contrastive, coreset.rd_attack
+
+    def pgd_spy(*args, **kwargs):
+        seen.append(("pool", kwargs["clip_random_start"]))
+        return pgd(*args, **kwargs)
+
+    def rd_spy(*args, **kwargs):
+        seen.append(("U", kwargs["clip_random_start"]))
+        return rd(*args, **kwargs)
+
+    monkeypatch.setattr(coreset, "pgd_contrastive", pgd_spy)
+    monkeypatch.setattr(coreset, "rd_attack", rd_spy)
+    common = dict(granularity="sample", refresh="cached", refresh_every=10_000)
+    unclipped = _select(_model(), dataset, clip_random_start=False, **common)[2]
+    assert set(seen) == {("pool", False), ("U", False)}
+    clipped = _select(_model(), dataset, **common)[2]
+    assert relative_error(unclipped.initial_gains, clipped.initial_gains) > 1e-3
+
+
+def test_released_rows_are_the_first_half_of_each_minibatch_twice():
+    rows = coreset.released_validation_rows(torch.arange(11) * 10, batch_size=4)
+    assert rows.tolist() == [0, 0, 10, 10, 40, 40, 50, 50, 80, 80, 90]
+
+
+def test_released_half_validation_is_u_truncated_and_doubled(dataset):
+    """validation_handling="released-half" computes v on the first half of each validation
+    minibatch (batches of 6 here: U's 8 images as 6 + 2), each image twice: the same round as
+    the default handling given that duplicated subset as U."""
+    model = _model()
+    pool, validation = validation_split(N_IMAGES, seed=0)
+    doubled = validation[[0, 0, 1, 1, 2, 2, 6, 6]]
+
+    def select(u, handling):
+        return select_coreset(model, dataset, pool, u, 0.2, batch_size=6, eps=0.15,
+                              step_size=0.05, attack_steps=1, granularity="sample",
+                              refresh="cached", refresh_every=10_000,
+                              validation_handling=handling,
+                              generator=torch.Generator().manual_seed(0),
+                              attack_generator=torch.Generator().manual_seed(0))
+
+    released = select(validation, "released-half")
+    assert released.details["validation_rows"] == 8
+    on_doubled = select(doubled, "all")
+    assert torch.equal(released.initial_gains, on_doubled.initial_gains)
+    assert released.picks == on_doubled.picks
+    every_image = select(validation, "all")
+    assert not torch.equal(released.initial_gains, every_image.initial_gains)
+
+
+def test_default_options_are_the_clipped_start_and_all_of_u(dataset):
+    _, _, default = _select(_model(), dataset)
+    _, _, explicit = _select(_model(), dataset, clip_random_start=True, validation_handling="all")
+    assert default.picks == explicit.picks and torch.equal(default.indices, explicit.indices)
+    assert torch.equal(default.initial_gains, explicit.initial_gains)
+    assert default.initial_gains.dtype == torch.float32
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan")])
@@ -283,6 +449,14 @@ def test_a_model_without_a_linear_head_is_refused(dataset):
         with pytest.raises(ValueError, match=message):
             select_coreset(model, dataset, pool, validation, 0.2, batch_size=BATCH, eps=0.15,
                            step_size=0.05)
+
+
+def test_unknown_validation_handling_is_refused(dataset):
+    message = "validation_handling must be one of all, released-half, got 'half'"
+    with pytest.raises(ValueError, match="coreset_" + message):
+        TrainConfig.from_options(coreset="rcs", coreset_validation_handling="half").resolve()
+    with pytest.raises(ValueError, match=message):
+        _select(_model(), dataset, validation_handling="half")
 
 
 @pytest.mark.parametrize(
@@ -339,6 +513,25 @@ def test_pool_attack_steps_reach_the_selection(tmp_path, monkeypatch):
     pretrain.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs", coreset_attack_steps=1,
                    coreset_precision="bf16", fold_bn=False, **TINY)
     assert seen == [(1, torch.bfloat16, False)]
+
+
+def test_released_code_options_reach_the_selection(tmp_path, monkeypatch):
+    """The training attack's clip_random_start and coreset_validation_handling reach the round."""
+    seen = []
+
+    class Selected(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["clip_random_start"], kwargs["validation_handling"]))
+        raise Selected
+
+    monkeypatch.setattr(coreset, "select_coreset", spy)
+    with pytest.raises(Selected):
+        pretrain.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs",
+                       clip_random_start=False, coreset_validation_handling="released-half",
+                       **TINY)
+    assert seen == [(False, "released-half")]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
