@@ -28,7 +28,7 @@ Choices, stated:
 - Budget: exactly round(k N) images (N the pool, round half up). At batch granularity the greedy
   takes ceil(budget / B) minibatches and truncates the last one to the budget;
   `budget_rounding="floor"` reproduces the published flooring to budget // B whole minibatches.
-- RD attack on U: PGD maximising d, 3 steps of 1.25 eps / 3 from a uniform start, the spec's
+- RD attack on U: PGD maximising d, 3 steps of 1.25 eps / 3 from a uniform start, the published
   "3 steps of (10/255)/3 at eps 8/255" scaled to the run's eps; h(x) through the "normal" BN and
   h(x~) through the "adv" BN, model in eval mode. U is the unaugmented images.
 - Random starts (the pool pass's PGD and the RD attack): x + U[-eps, eps] clipped to [0, 1]
