@@ -31,7 +31,7 @@ PRESETS = ("demo", "paper")
 PRECISIONS = ("fp32", "bf16")
 CORESETS = (None, "rcs", "random")
 # Must match fastacl.data.DATASETS / INTERPOLATIONS and fastacl.models.MODEL_PRESETS (tested).
-DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "mnist5k")
+DATASETS = ("cifar10", "cifar100", "stl10", "imagenet32", "imagefolder", "mnist5k")
 INTERPOLATIONS = ("bicubic", "bilinear")
 MODELS = ("resnet18", "resnet18-small")
 # RCS choices (fastacl.coreset; docs/rcs.md sections 2-3 and 7).
@@ -68,7 +68,7 @@ def option(default: Any, help: str, *, name: str | None = None) -> Any:
 @dataclass
 class DataConfig:
     dataset: str | None = option(None, "mnist5k (embedded demo) | cifar10 | cifar100 | stl10 | "
-                                       "imagefolder (default mnist5k)")
+                                       "imagefolder | imagenet32 (default mnist5k)")
     data_dir: str | None = option(None, "folder holding the dataset files (default "
                                         "$FASTACL_DATA_DIR or ~/data)")
     max_train: int | None = option(None, "use only the first N training images")

@@ -9,7 +9,10 @@ import torch
 
 from fastacl.data import load_dataset
 from fastacl.data.datasets import _mnist5k_arrays
+from fastacl.errors import BadFileError
+from tests.synthetic import IMAGENET32_TRAIN_FILES
 from tests.synthetic import make_cifar10 as _make_cifar10
+from tests.synthetic import make_imagenet32 as _make_imagenet32
 from tests.synthetic import write_cifar_batch as _write_cifar_batch
 
 
@@ -151,6 +154,129 @@ def test_broken_stl10_files_are_rejected(tmp_path):
     (folder / "train_y.bin").write_bytes(bytes([0, 1, 2, 3]))
     with pytest.raises(ValueError, match=r"labels must be 1..10, got 0..3"):
         load_dataset("stl10", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet 32x32
+# ----------------------------------------------------------------------------------------------
+def test_imagenet32_reads_the_ten_train_batches_and_val_data_with_0_based_labels(tmp_path):
+    written, paths = _make_imagenet32(tmp_path, n=3)
+    images, labels = load_dataset("imagenet32", tmp_path, split="train")
+    assert images.dtype == torch.uint8 and images.shape == (30, 3, 32, 32)
+    assert images.is_contiguous() and labels.dtype == torch.int64 and labels.shape == (30,)
+    expected = np.concatenate([written[name][0] for name in IMAGENET32_TRAIN_FILES])
+    assert torch.equal(images, torch.from_numpy(expected).view(30, 3, 32, 32))
+    expected_labels = [label - 1 for name in IMAGENET32_TRAIN_FILES for label in written[name][1]]
+    assert labels.tolist() == expected_labels
+    test_images, test_labels = load_dataset("imagenet32", tmp_path, split="test")
+    assert test_images.shape == (3, 3, 32, 32)
+    assert test_labels.tolist() == [label - 1 for label in written["val_data"][1]]
+    # data_dir may be a split's own folder, even the other split's.
+    train_folder = paths["train_data_batch_1"].parent
+    assert torch.equal(load_dataset("imagenet32", train_folder)[0], images)
+    assert torch.equal(load_dataset("imagenet32", train_folder, split="test")[0], test_images)
+
+
+def test_imagenet32_in_one_folder_keeps_the_rgb_planes_and_labels_1_and_1000(tmp_path):
+    _make_imagenet32(tmp_path, n=2, one_folder=True)
+    red = np.arange(1024, dtype=np.uint8).reshape(32, 32)  # distinct planes, row-major
+    green, blue = red.T.copy(), np.full((32, 32), 200, np.uint8)
+    row = np.concatenate([red.ravel(), green.ravel(), blue.ravel()])
+    with open(tmp_path / "val_data", "wb") as f:
+        pickle.dump({"data": np.stack([row, row[::-1]]), "labels": [1, 1000]}, f)
+    images, labels = load_dataset("imagenet32", tmp_path, split="test")
+    assert torch.equal(images[0, 0], torch.from_numpy(red))
+    assert torch.equal(images[0, 1], torch.from_numpy(green))
+    assert torch.equal(images[0, 2], torch.from_numpy(blue))
+    assert labels.tolist() == [0, 999]
+    assert load_dataset("imagenet32", tmp_path)[0].shape == (20, 3, 32, 32)
+
+
+def test_imagenet32_is_copied_into_one_preallocated_array(tmp_path, monkeypatch):
+    import tracemalloc
+
+    written, _ = _make_imagenet32(tmp_path, n=40)
+    total = 10 * 40 * 3072
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ImageNet32 loader must not concatenate the batches")
+
+    for module, name in [(np, "concatenate"), (np, "stack"), (np, "vstack"),
+                         (torch, "cat"), (torch, "stack")]:
+        monkeypatch.setattr(module, name, refuse)
+    tracemalloc.start()  # numpy reports its array buffers to tracemalloc
+    try:
+        images, labels = load_dataset("imagenet32", tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    monkeypatch.undo()
+    assert images.shape == (400, 3, 32, 32) and labels.shape == (400,)
+    assert torch.equal(images[-40:].reshape(40, 3072),
+                       torch.from_numpy(written["train_data_batch_10"][0]))
+    # One allocation filled in place peaks at the set plus one batch (and its unpickling);
+    # holding the batches and their concatenation would peak at twice the set.
+    assert peak < 1.5 * total, f"peak {peak} bytes for a {total}-byte set"
+
+
+def test_imagenet32_missing_files_are_named_with_where_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_dataset("imagenet32", tmp_path)
+    message = str(error.value)
+    assert "train_data_batch_1," in message and "train_data_batch_10" in message
+    assert str(tmp_path / "Imagenet32_train") in message
+    assert "image-net.org" in message and "Downsampled ImageNet 32x32" in message
+    assert "downloads nothing" in message
+    with pytest.raises(FileNotFoundError, match=r"missing val_data in .*Imagenet32_val"):
+        load_dataset("imagenet32", tmp_path, split="test")
+    _, paths = _make_imagenet32(tmp_path)
+    paths["train_data_batch_7"].unlink()  # all ten are required
+    with pytest.raises(FileNotFoundError, match=r"missing train_data_batch_7 in .*32_train"):
+        load_dataset("imagenet32", tmp_path)
+
+
+def _write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+@pytest.mark.parametrize(
+    "batch, reason",
+    [
+        ({"data": np.zeros((2, 3072), np.uint8), "label": [1, 2]}, r"no b'labels' entry"),
+        ({"labels": [1, 2]}, r"no b'data' entry"),
+        ({"data": np.zeros((2, 3072), np.int64), "labels": [1, 2]}, r"uint8 \[N, 3072\].*int64"),
+        ({"data": np.zeros((2, 32, 32, 3), np.uint8), "labels": [1, 2]}, r"\[2, 32, 32, 3\]"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1]}, r"2 images but labels"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1.0, 2.0]}, r"must be integers"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [1, 1001]}, r"in 1..1000, got 1..1001"),
+        ({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 999]}, r"look 0-based"),
+        ([1, 2], r"expected a pickled dict, found list"),
+    ],
+)
+def test_imagenet32_malformed_batches_name_the_file(tmp_path, batch, reason):
+    _, paths = _make_imagenet32(tmp_path)
+    _write_pickle(paths["train_data_batch_4"], batch)
+    with pytest.raises(BadFileError, match=r"train_data_batch_4.*" + reason):
+        load_dataset("imagenet32", tmp_path)
+
+
+def test_imagenet32_truncated_or_hostile_batches_are_refused(tmp_path):
+    _, paths = _make_imagenet32(tmp_path)
+    val = paths["val_data"]
+    val.write_bytes(val.read_bytes()[:400])
+    with pytest.raises(BadFileError, match=r"val_data is not a readable ImageNet32 python batch"):
+        load_dataset("imagenet32", tmp_path, split="test")
+    _write_pickle(val, {"data": _Exploit(), "labels": []})
+    with pytest.raises(BadFileError, match=r"refusing to load builtins\.print"):
+        load_dataset("imagenet32", tmp_path, split="test")
+
+
+def test_config_lists_the_same_datasets():
+    from fastacl import config
+    from fastacl.data import DATASETS, SPLITS
+
+    assert config.DATASETS == DATASETS and SPLITS["imagenet32"] == ("train", "test")
 
 
 # ----------------------------------------------------------------------------------------------

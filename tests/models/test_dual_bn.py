@@ -1,5 +1,7 @@
 """Dual BN: routing of running statistics, the converter, and the single-BN encoder copy."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,10 +11,18 @@ from fastacl.models import (
     DualBatchNorm,
     DualBatchNorm1d,
     DualBatchNorm2d,
+    DualBatchNorm3d,
+    DualGroupNorm,
+    DualLayerNorm,
+    DualNorm,
+    DualRMSNorm,
+    DualSyncBatchNorm,
     bn_branch,
     convert_to_dual_bn,
     dual_bn_modules,
+    dual_norm_modules,
     encoder_from_branch,
+    has_dual_bn,
     resnet18_acl,
 )
 
@@ -219,3 +229,227 @@ def test_routing_compiles_into_one_graph():
         for branch in BRANCHES:
             assert torch.equal(compiled(x, branch=branch), model(x, branch=branch))
     assert {layer.active_branch for layer in dual_bn_modules(model)} == {None}
+
+
+# ---- LayerNorm, GroupNorm, RMSNorm, SyncBatchNorm and refused norms ----------------------------
+
+# (plain layer, input shape): odd sizes, and a LayerNorm over two trailing dimensions.
+AFFINE_NORMS = {
+    "layer_norm": (lambda: nn.LayerNorm(7), (3, 5, 7)),
+    "layer_norm_2d_shape": (lambda: nn.LayerNorm((5, 7)), (3, 5, 7)),
+    "layer_norm_no_bias": (lambda: nn.LayerNorm(41, bias=False), (2, 41)),
+    "group_norm": (lambda: nn.GroupNorm(3, 9), (2, 9, 5, 3)),
+    "group_norm_one_group": (lambda: nn.GroupNorm(1, 5), (4, 5, 7)),
+    "rms_norm": (lambda: nn.RMSNorm(7, eps=1e-6), (3, 5, 7)),
+}
+
+
+def randomise_parameters(module, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator,
+                                        dtype=parameter.dtype))
+
+
+@pytest.mark.parametrize("kind", AFFINE_NORMS)
+def test_dual_affine_norm_equals_the_plain_layer_with_that_branchs_parameters(kind):
+    make, shape = AFFINE_NORMS[kind]
+    original = make().double()
+    randomise_parameters(original, seed=1)
+    dual = convert_to_dual_bn(copy.deepcopy(original))
+    assert isinstance(dual, DualNorm) and type(dual.normal) is type(original)
+    randomise_parameters(dual.adv, seed=2)  # the branches now differ
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    upstream = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for branch in BRANCHES:
+        reference = copy.deepcopy(original)
+        reference.load_state_dict(dual.branch_module(branch).state_dict())
+        x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with bn_branch(dual, branch):
+            ours = dual(x_ours)
+        expected = reference(x_ref)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+        # "Not last layer": grad_output != 1.
+        ((ours * upstream).sum() * 2).backward()
+        ((expected * upstream).sum() * 2).backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=0, atol=0)
+        for (name, ours_p), (_, ref_p) in zip(dual.branch_module(branch).named_parameters(),
+                                              reference.named_parameters(), strict=True):
+            torch.testing.assert_close(ours_p.grad, ref_p.grad, rtol=0, atol=0, msg=name)
+        other = dual.branch_module("adv" if branch == "normal" else "normal")
+        assert all(p.grad is None for p in other.parameters()), "gradient leaked across branches"
+        dual.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("kind", AFFINE_NORMS)
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_a_step_on_one_branch_leaves_the_other(kind, branch):
+    make, shape = AFFINE_NORMS[kind]
+    dual = convert_to_dual_bn(make())
+    before = {key: value.clone() for key, value in dual.state_dict().items()}
+    optimiser = torch.optim.SGD(dual.parameters(), lr=0.1)
+    with bn_branch(dual, branch):
+        (dual(torch.randn(shape)) ** 3).sum().backward()
+    optimiser.step()
+    for key, value in dual.state_dict().items():
+        if key.startswith(f"{branch}."):
+            assert not torch.equal(value, before[key]), f"{key} did not move"
+        else:
+            assert torch.equal(value, before[key]), f"{key} moved with the {branch} branch"
+
+
+class MixedEncoder(nn.Module):
+    """Conv + BatchNorm2d + GroupNorm, then Linear + LayerNorm: a user module, branch-blind."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 9, 3), nn.GroupNorm(3, 9), nn.GELU(),
+            nn.LocalResponseNorm(2),  # no parameters: nothing for a branch to own
+        )
+        self.fc = nn.Linear(9, 5)
+        self.norm = nn.LayerNorm(5)
+        self.plain = nn.LayerNorm(5, elementwise_affine=False)
+
+    def forward(self, x):
+        return self.plain(self.norm(self.fc(self.features(x).mean(dim=(2, 3)))))
+
+
+def test_mixed_model_converts_fully_and_routes():
+    original = MixedEncoder()
+    randomise_bn(original)
+    randomise_parameters(original.features[4], seed=5)
+    randomise_parameters(original.norm, seed=6)
+    original.eval()
+    x = images()
+    expected = original(x)
+    model = convert_to_dual_bn(copy.deepcopy(original))
+    assert [type(m) for m in dual_norm_modules(model)] == [
+        DualBatchNorm2d, DualGroupNorm, DualLayerNorm,
+    ]
+    assert [type(m) for m in dual_bn_modules(model)] == [DualBatchNorm2d]
+    assert has_dual_bn(model)
+    assert isinstance(model.features[6], nn.LocalResponseNorm)
+    assert isinstance(model.plain, nn.LayerNorm)
+    for branch in BRANCHES:  # both branches start as the original
+        with bn_branch(model, branch):
+            assert {m.active_branch for m in dual_norm_modules(model)} == {branch}
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert {m.active_branch for m in dual_norm_modules(model)} == {None}
+    with pytest.raises(RuntimeError, match="no active branch"):
+        model(x)
+    with torch.no_grad():
+        model.norm.adv.weight.mul_(3.0)  # only the LayerNorm's adv branch changes
+    with bn_branch(model, "normal"):
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    with bn_branch(model, "adv"):
+        adv = model(x)
+    assert not torch.allclose(adv, expected)
+    encoder = encoder_from_branch(model, "adv").eval()
+    assert not dual_norm_modules(encoder) and isinstance(encoder.norm, nn.LayerNorm)
+    assert torch.equal(encoder(x), adv)
+
+
+def test_mixed_model_state_dict_round_trip_is_strict():
+    model = convert_to_dual_bn(MixedEncoder())
+    randomise_parameters(model, seed=7)
+    keys = model.state_dict().keys()
+    for name in ("features.1", "features.4", "norm"):
+        assert {f"{name}.normal.weight", f"{name}.adv.weight", f"{name}.normal.bias",
+                f"{name}.adv.bias"} <= keys
+    assert "features.1.adv.running_var" in keys and "norm.weight" not in keys
+    fresh = convert_to_dual_bn(MixedEncoder())
+    assert fresh.load_state_dict(model.state_dict(), strict=True)
+    model.eval(), fresh.eval()
+    x = images()
+    for branch in BRANCHES:
+        with bn_branch(model, branch), bn_branch(fresh, branch):
+            assert torch.equal(fresh(x), model(x))
+    # A single-norm state dict does not load into the dual model (and says which keys).
+    with pytest.raises(RuntimeError, match="norm.normal.weight"):
+        fresh.load_state_dict(MixedEncoder().state_dict(), strict=True)
+
+
+class MyRMSNorm(nn.Module):
+    """A hand-written norm the converter does not know."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+@pytest.mark.parametrize("norm, type_name", [
+    (MyRMSNorm(6), "MyRMSNorm"),
+    (nn.InstanceNorm1d(6, affine=True), "InstanceNorm1d"),
+    (nn.InstanceNorm1d(6, track_running_stats=True), "InstanceNorm1d"),
+])
+def test_an_unknown_norm_is_an_error_naming_the_layer(norm, type_name):
+    model = nn.Sequential(nn.BatchNorm1d(6), nn.Sequential(Block(nn.LayerNorm(6)), Block(norm)))
+    with pytest.raises(ValueError, match=rf"'1\.1\.norm' \({type_name}"):
+        convert_to_dual_bn(model)
+    # Refused before anything changed.
+    assert not dual_norm_modules(model) and isinstance(model[0], nn.BatchNorm1d)
+    with pytest.raises(ValueError, match=rf"the module itself \({type_name}"):
+        convert_to_dual_bn(copy.deepcopy(norm))
+    # Shared on purpose when asked.
+    converted = convert_to_dual_bn(model, keep_shared=(type(norm),))
+    assert converted[1][1].norm is norm
+    assert [type(m) for m in dual_norm_modules(converted)] == [DualBatchNorm1d, DualLayerNorm]
+
+
+def test_norms_without_state_are_left_alone():
+    for layer in (nn.InstanceNorm2d(3), nn.LocalResponseNorm(2), nn.GroupNorm(1, 3, affine=False),
+                  nn.LayerNorm(3, elementwise_affine=False),
+                  nn.RMSNorm(3, elementwise_affine=False)):
+        assert convert_to_dual_bn(layer) is layer
+
+
+def test_uninitialised_lazy_batch_norm_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match="'1' .*uninitialised"):
+        convert_to_dual_bn(model)
+    model(torch.randn(5, 3))  # materialised: a BatchNorm1d now
+    assert isinstance(convert_to_dual_bn(model)[1], DualBatchNorm1d)
+
+
+def test_sync_and_3d_batch_norm_convert_like_batch_norm():
+    group = object()  # stands for a process group: shared by both branches, never copied
+    sync = nn.SyncBatchNorm(4, momentum=0.3, process_group=group)
+    randomise_bn(sync)
+    dual = convert_to_dual_bn(sync)
+    assert isinstance(dual, DualSyncBatchNorm) and isinstance(dual, DualBatchNorm)
+    assert isinstance(dual.adv, nn.SyncBatchNorm) and dual.adv.momentum == 0.3
+    assert dual.normal.process_group is group and dual.adv.process_group is group
+    assert dual.normal.weight is not dual.adv.weight
+    dual.eval(), sync.eval()
+    x = torch.randn(2, 4, 3, 5)
+    for branch in BRANCHES:
+        with bn_branch(dual, branch):
+            assert torch.equal(dual(x), sync(x))
+    assert isinstance(DualSyncBatchNorm(4).normal, nn.SyncBatchNorm)
+    assert isinstance(convert_to_dual_bn(nn.Sequential(nn.BatchNorm3d(2)))[0], DualBatchNorm3d)
+
+
+def test_dual_layers_are_not_converted_again():
+    dual = DualLayerNorm(5)
+    assert convert_to_dual_bn(dual) is dual and isinstance(dual.normal, nn.LayerNorm)
+    group = DualGroupNorm(2, 4)
+    assert group.num_channels == 4 and isinstance(group.adv, nn.GroupNorm)
+    assert DualRMSNorm(3).normalized_shape == (3,)
+    with pytest.raises(TypeError, match="DualBatchNorm1d"):
+        DualBatchNorm(4)
