@@ -1,4 +1,4 @@
-"""Training-step throughput (issue 5; issue 9 deliverables 1 and 3): fastacl's ACL-AIR step vs
+"""Training-step throughput: fastacl's ACL-AIR step vs
 the plain published-style step of benchmarks/baseline_step.py, same data, same model init, same
 run, images per second and the ratio.
 

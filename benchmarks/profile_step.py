@@ -1,5 +1,5 @@
 """Where the time of one ACL-AIR training step goes: torch.profiler over the baseline step and
-each fastacl variant, grouped into a few categories (issue 9, deliverable 2).
+each fastacl variant, grouped into a few categories.
 
     python benchmarks/profile_step.py [--case cpu-small-mnist] [--threads 1] [--steps 2]
         [--variants fp32 fp32+channels_last bf16+channels_last bf16+channels_last+compile]

@@ -1,4 +1,4 @@
-"""The trainer's speed and reproducibility options (issue 9): bf16 autocast on the device the
+"""The trainer's speed and reproducibility options: bf16 autocast on the device the
 images are on, torch.compile of the attack (captured once, reused every step), deterministic
 mode, and the `fastacl bench` command."""
 
