@@ -47,14 +47,14 @@ def test_steady_state_steps_read_nothing_back(method, monkeypatch, tmp_path):
     monkeypatch.setattr(loop, "rank_views", views)
 
     def on_step(epoch, step, terms):
-        # Count from the end of step 2 to the end of step 10 (steady state, no display: the
-        # loss is shown every 20 steps and at the end of the epoch's 14).
-        counting[0] = 2 <= step < 10
-        return step >= 10
+        # Count from the end of step 2 to the end of step 7 (steady state, no display: the
+        # loss is shown every 20 steps and at the end of the epoch's 9).
+        counting[0] = 2 <= step < 7
+        return step >= 7
 
-    fastacl.train(out_dir=str(tmp_path / "run"), method=method, epochs=1, max_train=120,
-                  batch_size=8, attack_steps=2, evaluate=False, on_step=on_step)
-    assert reads == [], f"{len(reads)} read-backs in 8 steps: {sorted(set(reads))}"
+    fastacl.train(out_dir=str(tmp_path / "run"), method=method, epochs=1, max_train=80,
+                  batch_size=8, attack_steps=1, evaluate=False, on_step=on_step)
+    assert reads == [], f"{len(reads)} read-backs in 5 steps: {sorted(set(reads))}"
 
 
 def test_the_rcs_greedy_loop_reads_its_picks_back_once(monkeypatch):
