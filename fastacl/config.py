@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fastacl.data.augmentation import dynaug_period
 from fastacl.errors import ConfigError
 from fastacl.utils import check_choice, check_device
 
@@ -276,8 +277,6 @@ class TrainConfig:
         """A validated copy with the preset, the method's defaults and the epoch-relative
         schedules filled in (docs/acl-air.md section 5: schedules scale with E, so a short run
         keeps the published shape)."""
-        from fastacl.data.augmentation import dynaug_period
-
         check_choice("method", self.method, METHODS)
         preset = self.preset or ("demo" if self.data.dataset in (None, "mnist5k") else "paper")
         check_choice("preset", preset, PRESETS)

@@ -87,7 +87,7 @@ def versions() -> dict:
 
     import numpy
 
-    import fastacl
+    import fastacl  # the package's __version__; utils is imported while fastacl loads
 
     record = {"fastacl": fastacl.__version__, "torch": torch.__version__,
               "numpy": numpy.__version__, "python": platform.python_version(),
