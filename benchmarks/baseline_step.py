@@ -28,7 +28,8 @@ Loss: L = (1 - w) NTX(nat) + (1 + w) NTX(adv) + lambda1 SIR + lambda2 AIR, NOT h
 fastacl's ACLLoss; the original ACL code halves it, which LARS makes immaterial).
 Random start: delta ~ U[-eps, eps] (the published torch.rand_like(x) * 2 eps - eps, drawn with
 uniform_ so that a shared generator gives fastacl's exact start); x + delta is clipped to [0, 1]
-when cfg.attack.clip_random_start (fastacl's default; False is the published behaviour).
+when cfg.attack.clip_random_start (--fidelity corrected; False, the default, is the released
+behaviour).
 """
 
 from __future__ import annotations

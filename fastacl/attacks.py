@@ -29,7 +29,7 @@ from torch import nn
 from fastacl.ops import nt_xent
 from fastacl.ops.pgd_step import check_budget
 from fastacl.utils import progress as progress_bar
-from fastacl.utils import unwrap
+from fastacl.utils import at_least_fp32, unwrap
 
 # TRADES starts its inner maximisation at x + 0.001 N(0, 1) (Zhang et al. 2019, public code).
 TRADES_START_STD = 0.001
@@ -66,8 +66,9 @@ def _forward(model: nn.Module, x: torch.Tensor, branch: str | None,
                 else contextlib.nullcontext())
     with autocast:
         out = model(x, branch=branch) if branch is not None and _takes_branch(model) else model(x)
-    # Losses are computed in fp32 outside autocast (the softmax over a batch needs the range).
-    return out.float()
+    # Losses are computed in fp32 (float64 for a float64 model) outside autocast (the softmax
+    # over a batch needs the range).
+    return at_least_fp32(out)
 
 
 @contextlib.contextmanager

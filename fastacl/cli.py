@@ -17,6 +17,8 @@ import torch
 import fastacl
 from fastacl.config import option_fields
 from fastacl.errors import ConfigError, FastaclError, MissingFileError
+from fastacl.export import ENCODER_CARD, ENCODER_WEIGHTS
+from fastacl.models import BRANCHES
 from fastacl.ops import extension_status, requested_backend
 from fastacl.ops._dispatch import triton_available, triton_interpreter
 from fastacl.utils import atomic_write_text
@@ -102,7 +104,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         post_process=args.post_process, corruptions=corruptions,
         autoattack_version=args.autoattack_version,
         autoattack_attacks=args.autoattack_attacks, batch_size=args.batch_size,
-        device=args.device,
+        device=args.device, save=args.save,
     )
     if args.json:
         path = Path(args.json)
@@ -135,6 +137,20 @@ def _evaluate(args: argparse.Namespace) -> int:
               + f", l_inf eps {result['eps']:.4g}, fixed seed per mode")
     print(f"total {result['seconds']:.0f} s" + (f"; JSON written to {args.json}" if args.json
                                                   else ""))
+    if args.save:
+        print(f"classifiers saved in {args.save} (" + ", ".join(
+            Path(r["saved"]).name for r in result["modes"].values())
+            + "); load one with fastacl.load_classifier(path)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    out = fastacl.export_encoder(args.checkpoint, args.out_dir, branch=args.branch)
+    card = json.loads((out / ENCODER_CARD).read_text())
+    print(f"{card['method'] or 'unknown method'} encoder ({card['backbone']['name']}, "
+          f"{args.branch} branch, {card['feature_dim']}-d features) written to "
+          f"{out / ENCODER_WEIGHTS} with its card {out / ENCODER_CARD}; load it with "
+          f"fastacl.load_encoder({str(out)!r})")
     return 0
 
 
@@ -199,7 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="random seed")
     evaluate.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     evaluate.add_argument("--json", default=None, metavar="OUT", help="write the results here")
+    evaluate.add_argument("--save", default=None, metavar="DIR",
+                          help="keep each fine-tuned classifier in DIR as <mode>.safetensors + "
+                          "<mode>.json, loadable with fastacl.load_classifier (docs/export.md)")
     evaluate.set_defaults(func=_evaluate)
+
+    export = commands.add_parser(
+        "export", help="write a checkpoint's encoder (one BN branch) as encoder.safetensors + "
+        "model_card.json, loadable with fastacl.load_encoder (docs/export.md)"
+    )
+    export.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a fastacl checkpoint (fastacl train's checkpoint.pt or its run "
+                        "directory) or a published ACL / DynACL / AIR checkpoint")
+    export.add_argument("--out-dir", required=True, metavar="DIR",
+                        help="the folder to write (created; an earlier export there is replaced)")
+    export.add_argument("--branch", choices=BRANCHES, default="adv",
+                        help="the BN branch the encoder keeps: adv (robust, the ACL family) or "
+                        "normal (the only one of a 'cl' model) (default adv)")
+    export.set_defaults(func=_export)
 
     bench = commands.add_parser(
         "bench", add_help=False,

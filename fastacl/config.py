@@ -28,19 +28,26 @@ from fastacl.errors import ConfigError
 from fastacl.utils import check_choice, check_device
 
 METHODS = ("cl", "acl", "acl-air", "dynacl", "dynacl-air")
-PRESETS = ("demo", "paper")
+PRESETS = ("demo", "paper", "rcs-imagenet32")
+FIDELITIES = ("released", "corrected")
 PRECISIONS = ("fp32", "bf16")
 CORESETS = (None, "rcs", "random")
 # Must match fastacl.data.DATASETS / INTERPOLATIONS and fastacl.models.MODEL_PRESETS (tested).
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet32", "imagefolder", "mnist5k")
 INTERPOLATIONS = ("bicubic", "bilinear")
-MODELS = ("resnet18", "resnet18-small")
+MODELS = ("resnet18", "resnet18-small", "resnet34", "resnet50", "wrn-28-10", "wrn-34-10",
+          "vit-tiny", "vit-small")
+# model="user": the nn.Module passed as fastacl.train(model=module).
+USER_MODEL = "user"
 # RCS choices (fastacl.coreset; docs/rcs.md sections 2-3 and 7).
 GRANULARITIES = ("batch", "sample")
 REFRESHES = ("exact", "cached")
 DIVERGENCES = ("minmax-kl", "softmax-kl")
 BUDGET_ROUNDINGS = ("truncate", "floor")
 VALIDATION_HANDLINGS = ("all", "released-half")
+AIR_FORMS = ("exact", "reference-code")
+W_TIMINGS = ("paper", "released")
+LR_SCHEDULES = ("step", "epoch")
 
 # Preset values; an explicit value (anything not None) overrides them.
 PRESET_VALUES: dict[str, dict[str, Any]] = {
@@ -55,7 +62,42 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         dataset="mnist5k", model="resnet18-small", epochs=5, batch_size=128, lr=5.0,
         eps=0.15, step_size=0.05, attack_steps=5, eval_epochs=20, eval_max_test=500,
     ),
+    # RCS's ImageNet-1K recipe (docs/rcs.md section 4): WRN-28-10 on the 32 px downsampled set,
+    # 200 epochs, RCS from epoch 21 every 10 epochs at k = 0.05, softmax-KL RD, a 1-step attack
+    # on U, U = 0.5% of the training set, the greedy run in chunks of 100 minibatches.
+    "rcs-imagenet32": dict(
+        dataset="imagenet32", model="wrn-28-10", epochs=200, batch_size=512, lr=5.0,
+        eps=8 / 255, step_size=2 / 255, attack_steps=5, eval_epochs=25, eval_max_test=None,
+        coreset="rcs", coreset_fraction=0.05, coreset_warmup=20, coreset_interval=10,
+        coreset_divergence="softmax-kl", coreset_rd_steps=1, coreset_validation=0.005,
+        coreset_chunk_batches=100,
+    ),
 }
+
+# What each fidelity setting gives the options it governs (docs/fidelity.md lists every departure
+# and its source). "released": what the authors' released code computes (the AIR code for ACL,
+# ACL-AIR and DynACL-AIR; the DynACL code for DynACL; the RCS code for the selection), which is
+# what produced the published numbers. "corrected": the algorithms as the papers define them, with
+# the released code's defects fixed. An explicit option overrides either.
+def fidelity_values(fidelity: str, method: str) -> dict[str, Any]:
+    """The values `fidelity` gives the options it governs, for `method`."""
+    check_choice("fidelity", fidelity, FIDELITIES)
+    if fidelity == "corrected":
+        return dict(air_form="exact", clip_random_start=True, interpolation="bicubic",
+                    momentum_encoder=False, dynacl_w_timing="paper", loss_scale=1.0,
+                    originals_pass=False,
+                    lr_schedule="step", coreset_simulated_steps=1,
+                    coreset_budget_rounding="truncate", coreset_validation_handling="all")
+    dynacl_code = method == "dynacl"  # the DynACL repository's train_DynACL.py
+    return dict(
+        air_form="reference-code", clip_random_start=False,
+        interpolation="bilinear" if dynacl_code else "bicubic",
+        momentum_encoder=dynacl_code, dynacl_w_timing="released" if dynacl_code else "paper",
+        loss_scale=0.5 if dynacl_code else 1.0, originals_pass=not dynacl_code, lr_schedule="epoch" if dynacl_code else "step",
+        coreset_simulated_steps=2, coreset_budget_rounding="floor",
+        coreset_validation_handling="released-half",
+    )
+
 
 # SIR / AIR weights per method (docs/acl-air.md section 5): 0.5 each for the AIR variants.
 METHOD_LAMBDAS = {"cl": 0.0, "acl": 0.0, "dynacl": 0.0, "acl-air": 0.5, "dynacl-air": 0.5}
@@ -73,14 +115,24 @@ class DataConfig:
     data_dir: str | None = option(None, "folder holding the dataset files (default "
                                         "$FASTACL_DATA_DIR or ~/data)")
     max_train: int | None = option(None, "use only the first N training images")
-    interpolation: str = option("bicubic", "bicubic | bilinear (RandomResizedCrop)")
+    interpolation: str | None = option(None, "bicubic | bilinear (RandomResizedCrop; default "
+                                             "from --fidelity: bilinear for released DynACL)")
     dynaug_period: int | None = option(None, "DynAug period K in epochs (default E/20, at "
                                              "least 1)")
 
 
 @dataclass
 class ModelConfig:
-    name: str | None = option(None, "resnet18 | resnet18-small", name="model")
+    name: str | None = option(None, "resnet18 | resnet18-small | resnet34 | resnet50 | "
+                                    "wrn-28-10 | wrn-34-10 | vit-tiny | vit-small (from Python "
+                                    "also an nn.Module: fastacl.train(model=module))",
+                              name="model")
+    momentum_encoder: bool | None = option(
+        None, "DynACL's momentum encoder: view 2 through a momentum copy k of the encoder, "
+              "k kept (default from --fidelity: on for released DynACL)",
+        name="momentum_encoder")
+    momentum: float = option(0.99, "the momentum encoder's m: k <- m k + (1 - m) q",
+                             name="momentum_encoder_m")
 
 
 @dataclass
@@ -91,8 +143,9 @@ class AttackConfig:
     step_size: float | None = option(None, "PGD step size, e.g. 2/255")
     steps: int | None = option(None, "PGD steps (>= 1 for the adversarial methods)",
                                name="attack_steps")
-    clip_random_start: bool = option(True, "clip the PGD random start to [0, 1] (off: the "
-                                           "published code's unclipped start)")
+    clip_random_start: bool | None = option(None, "clip the PGD random start to [0, 1] "
+                                                  "(default from --fidelity: released "
+                                                  "unclipped, corrected clipped)")
 
 
 @dataclass
@@ -100,7 +153,17 @@ class LossConfig:
     temperature: float = option(0.5, "NT-Xent / SIR / AIR temperature")
     lambda1: float | None = option(None, "SIR weight (default 0.5 for the AIR methods, else 0)")
     lambda2: float | None = option(None, "AIR weight (default 0.5 for the AIR methods, else 0)")
-    air_form: str = option("exact", "exact | reference-code (docs/acl-air.md section 6)")
+    air_form: str | None = option(None, "exact | reference-code (docs/acl-air.md section 6; "
+                                        "default from --fidelity: released reference-code)")
+    w_timing: str | None = option(None, "paper | released: DynACL's w from s(e), or one epoch "
+                                        "early as the DynACL code (default from --fidelity)",
+                                  name="dynacl_w_timing")
+    originals_pass: bool | None = option(
+        None, "run the originals' train-mode forward even without SIR / AIR (the AIR code does: "
+              "it moves the natural BN statistics; default from --fidelity)")
+    scale: float | None = option(None, "factor on the total loss (default from --fidelity: "
+                                       "0.5 for released DynACL, whose code halves it)",
+                                 name="loss_scale")
 
 
 @dataclass
@@ -116,6 +179,8 @@ class OptimConfig:
     min_lr: float = option(1e-6, "learning rate at the end of the cosine")
     warmup_epochs: int | None = option(None, "LR warm-up epochs (default E/100, at least 1; "
                                              "0: none)")
+    lr_schedule: str | None = option(None, "step | epoch: the LR changes every step, or every "
+                                           "epoch as the DynACL code (default from --fidelity)")
 
 
 @dataclass
@@ -145,7 +210,7 @@ class CoresetConfig:
 
     method: str | None = option(None, "rcs | random: train on a coreset after a warm-up "
                                       "(default: the whole pool)", name="coreset")
-    fraction: float = option(0.2, "coreset fraction k in (0, 1)")
+    fraction: float | None = option(None, "coreset fraction k in (0, 1) (default 0.2)")
     warmup: int | None = option(None, "epochs on the full pool before the first selection "
                                       "(default E/10)")
     interval: int | None = option(None, "epochs between RCS selections (default E/50)")
@@ -158,16 +223,25 @@ class CoresetConfig:
                                             "--attack-steps)")
     precision: str | None = option(None, "fp32 | bf16: the RCS pool pass (default: "
                                          "--precision)")
-    divergence: str = option("minmax-kl", "minmax-kl | softmax-kl: the RD divergence")
+    divergence: str | None = option(None, "minmax-kl | softmax-kl: the RD divergence (default "
+                                          "minmax-kl)")
+    rd_steps: int | None = option(None, "PGD steps of the RD attack on U (default 3; 1 in the "
+                                        "ImageNet recipe)")
+    chunk_batches: int | None = option(None, "run the greedy in chunks of M minibatches, each "
+                                             "with its share of the budget (the ImageNet "
+                                             "recipe: 100; default: one greedy)")
     simulated_lr: float = option(0.01, "eta' of the simulated head step")
-    simulated_steps: int = option(1, "times the simulated step is applied (2: the published "
-                                     "code)")
-    budget_rounding: str = option("truncate", "truncate | floor (published: whole minibatches)")
-    validation: float = option(0.01, "share of the training images held out as the RCS "
-                                     "validation set U")
-    validation_handling: str = option("all", "all | released-half: every image of U once, or "
-                                             "the published code's first half of each "
-                                             "validation minibatch, each image twice")
+    simulated_steps: int | None = option(None, "times the simulated step is applied (default "
+                                               "from --fidelity: released 2, corrected 1)")
+    budget_rounding: str | None = option(None, "truncate | floor: the budget exactly, or whole "
+                                               "minibatches as released (default from "
+                                               "--fidelity)")
+    validation: float | None = option(None, "share of the training images held out as the "
+                                            "RCS validation set U (default 0.01)")
+    validation_handling: str | None = option(None, "all | released-half: every image of U "
+                                                   "once, or the released code's first half of "
+                                                   "each validation minibatch, each image twice "
+                                                   "(default from --fidelity)")
 
 
 @dataclass
@@ -201,8 +275,12 @@ class TrainConfig:
     """Everything a pre-training run depends on. None means "from the preset" (`resolve`)."""
 
     method: str = option("acl", "cl | acl | acl-air | dynacl | dynacl-air")
-    preset: str | None = option(None, "demo | paper (default: demo without --dataset or with "
-                                      "mnist5k, paper otherwise)")
+    preset: str | None = option(None, "demo | paper | rcs-imagenet32 (default: demo without "
+                                      "--dataset or with mnist5k, paper otherwise)")
+    fidelity: str = option("released", "released | corrected: compute what the authors' "
+                                       "released code computes (the published numbers), or the "
+                                       "papers' algorithms with its defects fixed "
+                                       "(docs/fidelity.md)")
     seed: int = option(0, "random seed")
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     out_dir: str | None = option(None, "run directory (default "
@@ -248,6 +326,8 @@ class TrainConfig:
     def from_dict(cls, saved: dict[str, Any]) -> TrainConfig:
         """The config saved by `to_dict` (a run's config.json / checkpoint). Fields the saved
         config lacks get their defaults; the flat layout of older checkpoints is accepted."""
+        # A config saved before the fidelity switch existed ran what "corrected" now gives.
+        saved = {"fidelity": "corrected", **saved}
         if not any(isinstance(saved.get(section), dict) for section in SECTIONS):
             return cls.from_options(**saved)
         cfg = cls(**{key: value for key, value in saved.items() if key not in SECTIONS})
@@ -295,6 +375,9 @@ class TrainConfig:
             # docs/rcs.md section 4: warm-up E/10 and interval E/50 (100 and 20 at E = 1000).
             "coreset_warmup": max(1, round(epochs / 10)),
             "coreset_interval": max(1, round(epochs / 50)),
+            "coreset_fraction": 0.2, "coreset_divergence": "minmax-kl",
+            "coreset_validation": 0.01, "coreset_rd_steps": 3,
+            **fidelity_values(cfg.fidelity, cfg.method),
         }
         given = cfg.options()
         cfg = cfg.with_options(**{name: value for name, value in defaults.items()
@@ -360,6 +443,7 @@ def _check_budget(value: Any, name: str) -> None:
 
 
 def _check_run(cfg: TrainConfig) -> None:
+    check_choice("fidelity", cfg.fidelity, FIDELITIES)
     _check_positive_int(cfg.seed, "seed", minimum=0)
     check_device(cfg.device)
 
@@ -367,7 +451,7 @@ def _check_run(cfg: TrainConfig) -> None:
 def _check_data(cfg: TrainConfig) -> None:
     check_choice("dataset", cfg.data.dataset, DATASETS)
     check_choice("interpolation", cfg.data.interpolation, INTERPOLATIONS)
-    check_choice("model", cfg.model.name, MODELS)
+    check_choice("model", cfg.model.name, (*MODELS, USER_MODEL))
     if cfg.data.max_train is not None:
         _check_positive_int(cfg.data.max_train, "max_train")
     _check_positive_int(cfg.data.dynaug_period, "dynaug_period")
@@ -390,12 +474,27 @@ def _check_loss(cfg: TrainConfig) -> None:
     for name in ("lambda1", "lambda2"):
         if not getattr(cfg.loss, name) >= 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg.loss, name)!r}")
-    check_choice("air_form", cfg.loss.air_form, ("exact", "reference-code"))
+    check_choice("air_form", cfg.loss.air_form, AIR_FORMS)
+    check_choice("dynacl_w_timing", cfg.loss.w_timing, W_TIMINGS)
+    if not (isinstance(cfg.loss.scale, (int, float)) and cfg.loss.scale > 0):
+        raise ConfigError(f"loss_scale must be a number > 0, got {cfg.loss.scale!r}")
+    if cfg.model.momentum_encoder:
+        if not cfg.is_adversarial:
+            raise ConfigError("momentum_encoder is DynACL's (an adversarial method), not "
+                              f"{cfg.method!r}'s")
+        if cfg.loss.lambda1 > 0 or cfg.loss.lambda2 > 0:
+            raise ConfigError(
+                "momentum_encoder=True with SIR / AIR (lambda1 / lambda2 > 0) is not defined: "
+                "the released DynACL code has no SIR / AIR, and the AIR code's DynACL no "
+                "momentum encoder; pass --no-momentum-encoder or lambda1 = lambda2 = 0")
+        if not 0 <= cfg.model.momentum < 1:
+            raise ConfigError(f"momentum_encoder_m must be in [0, 1), got {cfg.model.momentum}")
 
 
 def _check_optim(cfg: TrainConfig) -> None:
     o = cfg.optim
     _check_positive_int(o.batch_size, "batch_size", minimum=2, why=" (NT-Xent needs negatives)")
+    check_choice("lr_schedule", o.lr_schedule, LR_SCHEDULES)
     _check_positive_int(o.warmup_epochs, "warmup_epochs", minimum=0)
     if o.warmup_epochs > o.epochs:
         raise ConfigError(f"warmup_epochs must be <= epochs = {o.epochs}, got {o.warmup_epochs}")
@@ -447,6 +546,9 @@ def _check_coreset(cfg: TrainConfig) -> None:
         check_choice("coreset_" + name, getattr(c, name), choices)
     check_choice("coreset_precision", c.precision, PRECISIONS)
     _check_positive_int(c.refresh_every, "coreset_refresh_every")
+    _check_positive_int(c.rd_steps, "coreset_rd_steps")
+    if c.chunk_batches is not None:
+        _check_positive_int(c.chunk_batches, "coreset_chunk_batches")
     _check_positive_int(c.simulated_steps, "coreset_simulated_steps", minimum=0)
     if not c.simulated_lr >= 0:
         raise ConfigError(f"coreset_simulated_lr must be >= 0, got {c.simulated_lr}")

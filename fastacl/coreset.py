@@ -45,8 +45,24 @@ Choices, stated:
   `representational_divergence`.
 - The pool is split into minibatches of the training batch size; a last minibatch of a single
   image (NT-Xent needs two) joins the one before it, so every image is a candidate.
-- Memory: the (H, Delta) pairs of every candidate row are kept, 4 rows per image: about
-  4 x 2 x 1536 floats per image for the paper's 512-d head (24 KB), 1.2 GB for CIFAR-10.
+- Memory: the (H, Delta) pairs of every candidate row are kept, 4 rows per image: 4 x 2 x 1536
+  fp32 floats per image for the paper's 512-d head (48 KiB), 2.4 GB for CIFAR-10, 63 GB for
+  ImageNet-1K; plus the projections, D = 1537 floats (6 KiB) per element.
+- Chunks (`chunk_batches`, the authors' ImageNet recipe, docs/rcs.md section 4): the pool's
+  shuffled minibatches are split into consecutive chunks of M minibatches, and each chunk runs
+  the pass and its own greedy on its own elements, with its share of the budget (largest
+  remainder of budget x chunk images / pool images: the shares add up to exactly round(k N);
+  "floor" gives each chunk floor(budget x its minibatches / (B x all minibatches)) whole
+  minibatches, the release's formula). Every chunk's greedy starts from the same state: the
+  head phi0, v0 = v(phi0) and U's attack at phi0, computed once (after the first chunk's pass);
+  phi0 and that attack are restored after each chunk. Only one chunk's pairs and projections
+  are alive at a time: memory scales with M x B, not with the pool. One chunk holding every
+  minibatch is exactly the unchunked round. (The release computes v0 before the pass instead:
+  the same v0 up to the random start of U's attack. The released ImageNet code,
+  ACL_RCS/ImageNet_32/RCS.py, intends this -- it floors each chunk's share, restores the head
+  and v0 -- but its reset of the chunk's state is indented inside the pick loop, so its second
+  pick indexes an emptied list, and a chunk that ends without the reset fails on the next
+  append: it cannot finish a round of more than one chunk; docs/rcs.md section 7.)
 
 The validation split U (`validation_split`) is 1% of the training set, at least 8 images, drawn
 by the run's seed; it is excluded from the pool and from training in every run, the full-data
@@ -59,7 +75,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -339,14 +355,18 @@ class CoresetSelection:
     """The result of one selection round.
 
     indices: int64 [budget] (CPU) dataset indices of the coreset, in pick order.
-    elements: the dataset indices of every candidate element (a minibatch or one image).
-    picks: the picked elements, in order (the last one may be truncated in `indices`).
+    elements: the dataset indices of every candidate element (a minibatch or one image), in the
+        pass's order: a sequence of int64 tensors (two tensors underneath, not one per image).
+    picks: the picked elements, in order (the last one of each chunk may be truncated in
+        `indices`).
     initial_gains: [num elements] <r_e, v> at phi0 (the first pick's scores).
     seconds: wall time of the round; budget: round(k N).
+    details: how the round ran; with chunks, "chunk_elements" / "chunk_picks" /
+        "chunk_images" list per chunk its elements, its picks and the images it added.
     """
 
     indices: torch.Tensor
-    elements: list[torch.Tensor]
+    elements: Sequence[torch.Tensor]
     picks: list[int]
     initial_gains: torch.Tensor
     budget: int
@@ -383,6 +403,7 @@ def select_coreset(
     attack_generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     fold_bn: bool = True,
+    chunk_batches: int | None = None,
     progress: bool | None = True,
 ) -> CoresetSelection:
     """One RCS selection round (docs/rcs.md section 3; the module docstring states the choices).
@@ -422,6 +443,11 @@ def select_coreset(
         fold_bn: run the frozen eval-mode model (pool pass, U's attack and features) through
             its folded mirrors (fastacl.models.folded): the same function up to float rounding,
             without the BN kernels. Only fastacl's ResNet-18 folds; other models run as they are.
+        chunk_batches: None: one greedy over the whole pool. M: the authors' ImageNet recipe
+            (100 there): consecutive chunks of M of the pool's shuffled minibatches, each with
+            its own pass and greedy from phi0 and v0, its share of the budget (largest
+            remainder, exactly round(k N) in all; "floor": the release's per-chunk flooring) and
+            only its own pairs in memory (module docstring).
         progress: show the pass over the pool (minibatches) and the greedy loop (images picked)
             through fastacl.utils.progress: a bar on a terminal, else a line every 30 s; False
             (ranks other than 0 under DDP) shows nothing. It changes no result.
@@ -430,51 +456,123 @@ def select_coreset(
     _check_round_options(granularity=granularity, refresh=refresh, divergence=divergence,
                          budget_rounding=budget_rounding, refresh_every=refresh_every,
                          simulated_lr=simulated_lr, simulated_steps=simulated_steps,
-                         batch_size=batch_size, validation_handling=validation_handling)
+                         batch_size=batch_size, validation_handling=validation_handling,
+                         chunk_batches=chunk_batches)
     layers = head_linear_layers(model)
     bias = [layer.bias is not None for layer in layers]
     pool, validation = _checked_split(pool, validation)
     budget = coreset_budget(fraction, pool.numel())
-    max_picks = (_floored_picks(budget, batch_size)
-                 if budget_rounding == "floor" and granularity == "batch" else None)
-
-    with frozen_eval(model), _head_restored(layers):
-        candidates = _candidate_gradients(
-            model, layers, bias, dataset, pool, batch_size=batch_size, granularity=granularity,
-            eps=eps, step_size=step_size, attack_steps=attack_steps, temperature=temperature,
-            strength=strength, interpolation=interpolation, generator=generator,
-            attack_generator=attack_generator, autocast_dtype=autocast_dtype, fold_bn=fold_bn,
-            clip_random_start=clip_random_start, progress=progress,
-        )
-        pass_seconds = time.perf_counter() - start_time
-        rows = (released_validation_rows(validation, batch_size)
-                if validation_handling == "released-half" else validation)
-        rd = _ValidationGradient(
-            model, layers, bias, dataset.fetch(rows).to(_round_dtype(layers)) / 255.0, eps=eps,
-            step_size=rd_step_size, steps=rd_steps, divergence=divergence,
-            generator=attack_generator, batch_size=batch_size, fold_bn=fold_bn,
-            clip_random_start=clip_random_start,
-        )
-        v = rd.projection()
-        initial_gains = (candidates.projections @ v).cpu()
-        picks, chosen = _greedy(candidates, rd, v, layers, bias, budget=budget,
-                                max_picks=max_picks, simulated_lr=simulated_lr,
-                                simulated_steps=simulated_steps,
-                                reattack_every=1 if refresh == "exact" else int(refresh_every),
-                                progress=progress)
-    return CoresetSelection(
-        indices=torch.cat(chosen), elements=candidates.elements, picks=picks,
-        initial_gains=initial_gains, budget=budget, seconds=time.perf_counter() - start_time,
-        details={"granularity": granularity, "refresh": refresh, "divergence": divergence,
-                 "validation_handling": validation_handling, "validation_rows": rows.numel(),
-                 "validation_attacks": rd.attacks, "pass_seconds": pass_seconds,
-                 "elements": len(candidates.elements)},
+    pass_options = dict(
+        batch_size=batch_size, granularity=granularity, eps=eps, step_size=step_size,
+        attack_steps=attack_steps, temperature=temperature, strength=strength,
+        interpolation=interpolation, generator=generator, attack_generator=attack_generator,
+        autocast_dtype=autocast_dtype, fold_bn=fold_bn, clip_random_start=clip_random_start,
     )
+    greedy_options = dict(simulated_lr=simulated_lr, simulated_steps=simulated_steps,
+                          reattack_every=1 if refresh == "exact" else int(refresh_every))
+    rows = (released_validation_rows(validation, batch_size)
+            if validation_handling == "released-half" else validation)
+
+    with frozen_eval(model), _head_restored(layers) as restore_phi0:
+        minibatches = _shuffled_minibatches(pool, batch_size, generator)
+        chunks = _chunks(minibatches, chunk_batches)
+        shares = _chunk_budgets([sum(b.numel() for b in chunk) for chunk in chunks],
+                                [len(chunk) for chunk in chunks], budget, batch_size,
+                                floor=budget_rounding == "floor" and granularity == "batch")
+
+        def validation_gradient() -> _ValidationGradient:
+            x_u = dataset.fetch(rows).to(_round_dtype(layers)) / 255.0
+            return _ValidationGradient(
+                model, layers, bias, x_u, eps=eps, step_size=rd_step_size, steps=rd_steps,
+                divergence=divergence, generator=attack_generator, batch_size=batch_size,
+                fold_bn=fold_bn, clip_random_start=clip_random_start,
+            )
+
+        run = _greedy_by_chunk(model, layers, bias, dataset, chunks, shares, budget=budget,
+                               validation_gradient=validation_gradient,
+                               restore_phi0=restore_phi0, pass_options=pass_options,
+                               greedy_options=greedy_options, progress=progress)
+    details = {"granularity": granularity, "refresh": refresh, "divergence": divergence,
+               "validation_handling": validation_handling, "validation_rows": rows.numel(),
+               "validation_attacks": run.validation.attacks, "pass_seconds": run.pass_seconds,
+               "elements": len(run.elements), "chunks": len(chunks)}
+    if chunk_batches is not None:
+        details.update(chunk_batches=int(chunk_batches), chunk_elements=run.chunk_elements,
+                       chunk_picks=run.chunk_picks, chunk_images=run.chunk_images)
+    return CoresetSelection(
+        indices=torch.cat(run.chosen), elements=run.elements, picks=run.picks,
+        initial_gains=run.initial_gains, budget=budget,
+        seconds=time.perf_counter() - start_time, details=details,
+    )
+
+
+@dataclass
+class _ChunkedRun:
+    """Steps 1-3 over every chunk: the candidates' bookkeeping (their pairs are gone), the
+    picks (indices into `elements`) and their images, and per chunk what it contributed."""
+
+    elements: _Elements
+    initial_gains: torch.Tensor
+    picks: list[int]
+    chosen: list[torch.Tensor]
+    chunk_elements: list[int]
+    chunk_picks: list[int]
+    chunk_images: list[int]
+    validation: _ValidationGradient
+    pass_seconds: float
+
+
+def _greedy_by_chunk(model, layers, bias, dataset, chunks, shares, *, budget,
+                     validation_gradient, restore_phi0, pass_options, greedy_options,
+                     progress) -> _ChunkedRun:
+    """Per chunk (one chunk: the unchunked round): the pass over its minibatches, then its
+    greedy for its share (images, or whole minibatches under "floor") from phi0 and v0; v0 and
+    U's attack are made once, after the first chunk's pass (so that one chunk is the unchunked
+    round, random draws included), and restored with phi0 before the next chunk. A chunk's
+    candidates are dropped before the next chunk's pass."""
+    pass_bar = progress_bar(sum(len(chunk) for chunk in chunks), "RCS pass over the pool",
+                            progress, unit="batch")
+    greedy_bar = rd = v0 = f_adv0 = None
+    elements, gains, picks, chosen, pass_seconds = [], [], [], [], 0.0
+    chunk_picks, chunk_images = [], []
+    for c, (chunk, (share, max_picks)) in enumerate(zip(chunks, shares, strict=True)):
+        tic = time.perf_counter()
+        candidates = _pass_over(model, layers, bias, dataset, chunk, bar=pass_bar,
+                                **pass_options)
+        pass_seconds += time.perf_counter() - tic
+        if c == len(chunks) - 1:
+            pass_bar.close()
+        if rd is None:
+            rd = validation_gradient()
+            v0, f_adv0 = rd.projection(), rd.f_adv
+        gains.append((candidates.projections @ v0).cpu())
+        base = sum(len(e) for e in elements)
+        these, images = [], []
+        if (max_picks if max_picks is not None else share) > 0:
+            if greedy_bar is None:
+                # In images: one unit per picked image whatever the granularity (a flooring
+                # round ends short of the budget).
+                greedy_bar = progress_bar(budget, "RCS greedy selection", progress, unit="img")
+            these, images = _greedy(candidates, rd, v0, layers, bias, budget=share,
+                                    max_picks=max_picks, bar=greedy_bar, **greedy_options)
+        picks += [base + pick for pick in these]
+        chosen += images
+        chunk_picks.append(len(these))
+        chunk_images.append(sum(t.numel() for t in images))
+        elements.append(candidates.elements)
+        del candidates  # its pairs and projections, before the next chunk's pass
+        if c < len(chunks) - 1:  # the next chunk starts where this one did
+            restore_phi0()
+            rd.f_adv = f_adv0
+    if greedy_bar is not None:
+        greedy_bar.close()
+    return _ChunkedRun(_Elements.concatenate(elements), torch.cat(gains), picks, chosen,
+                       [len(e) for e in elements], chunk_picks, chunk_images, rd, pass_seconds)
 
 
 def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, layers, bias, *,
             budget: int, max_picks: int | None, simulated_lr: float, simulated_steps: int,
-            reattack_every: int, progress: bool | None = True
+            reattack_every: int, progress: bool | None = True, bar=None
             ) -> tuple[list[int], list[torch.Tensor]]:
     """The greedy loop (docs/rcs.md section 3, step 3) from v at phi0: (picks, their images).
 
@@ -483,25 +581,27 @@ def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, l
     picks). The last pick is truncated to the budget, unless `max_picks` (the published flooring
     to whole minibatches) ends the round first.
 
-    The picks stay on the device until the round ends (one read-back per round, not per pick),
-    when every element holds as many images and rows (sample granularity, or minibatches of
-    one size): then how many images a pick adds is known without reading it. Otherwise each
-    pick is read back to count its images.
+    The loop runs once per pick (the round's only Python loop at sample granularity; the
+    scores of all N elements are one fused masked mat-vec + argmax, `greedy_pick`, which reads R
+    once and allocates nothing of size N x anything). The picks stay on the device until the
+    round ends (one read-back per round, not per pick), when every element holds as many images
+    and rows (sample granularity, or minibatches of one size): then how many images a pick adds
+    is known without reading it. Otherwise each pick is read back to count its images.
+    bar: a progress display to update (in images), else one is made here.
     """
     device = candidates.projections.device
-    taken = torch.zeros(len(candidates.elements), dtype=torch.bool, device=device)
-    sizes = [element.numel() for element in candidates.elements]
-    rows = [b - a for a, b in zip(candidates.offsets, candidates.offsets[1:], strict=False)]
-    uniform = len(set(sizes)) == 1 and len(set(rows)) == 1
+    elements = candidates.elements
+    taken = torch.zeros(len(elements), dtype=torch.bool, device=device)
+    uniform = elements.size is not None
     picks, count = [], 0
-    # In images: one unit per picked image whatever the granularity (a flooring round ends
-    # short of the budget).
-    bar = progress_bar(budget, "RCS greedy selection", progress, unit="img")
+    own_bar = bar is None
+    if own_bar:  # in images: one unit per picked image whatever the granularity
+        bar = progress_bar(budget, "RCS greedy selection", progress, unit="img")
     while count < budget and (max_picks is None or len(picks) < max_picks):
         element = greedy_pick(candidates.projections, v, taken)
         index = None if uniform else int(element)  # a read-back, only when sizes differ
         picks.append(element)
-        size = sizes[0] if uniform else sizes[index]
+        size = elements.size if uniform else len(elements[index])
         added = size if max_picks is not None else min(size, budget - count)
         count += added
         bar.update(added)
@@ -512,13 +612,14 @@ def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, l
         if len(picks) % reattack_every == 0:
             rd.reattack()
         v = rd.projection()
-    bar.close()
+    if own_bar:
+        bar.close()
     picks = torch.stack(picks).tolist()  # the round's one read-back
     if min(picks) < 0:  # cannot happen: the pool holds more than the budget
         raise RuntimeError("RCS greedy loop: ran out of candidates before the budget")
     chosen, left = [], budget
     for pick in picks:
-        images = candidates.elements[pick]
+        images = elements[pick]
         chosen.append(images if max_picks is not None else images[:left])
         left -= chosen[-1].numel()
     return picks, chosen
@@ -527,7 +628,8 @@ def _greedy(candidates: _Candidates, rd: _ValidationGradient, v: torch.Tensor, l
 # ---- the round's arguments and the head it changes -----------------------------------------------
 
 def _check_round_options(*, granularity, refresh, divergence, budget_rounding, refresh_every,
-                         simulated_lr, simulated_steps, batch_size, validation_handling) -> None:
+                         simulated_lr, simulated_steps, batch_size, validation_handling,
+                         chunk_batches=None) -> None:
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("validation_handling", validation_handling, VALIDATION_HANDLINGS)
     check_choice("refresh", refresh, REFRESHES)
@@ -541,6 +643,11 @@ def _check_round_options(*, granularity, refresh, divergence, budget_rounding, r
     if batch_size < 2:
         raise ConfigError(f"select_coreset: batch_size must be >= 2 (NT-Xent needs negatives), "
                           f"got {batch_size}")
+    if chunk_batches is not None and (isinstance(chunk_batches, bool)
+                                      or not isinstance(chunk_batches, int) or chunk_batches < 1):
+        raise ConfigError(f"select_coreset: chunk_batches must be None (one greedy over the "
+                          f"pool) or a number of minibatches >= 1 (100 in the authors' ImageNet "
+                          f"recipe), got {chunk_batches!r}")
 
 
 def _checked_split(pool: torch.Tensor,
@@ -566,26 +673,62 @@ def _checked_split(pool: torch.Tensor,
     return pool, validation
 
 
-def _floored_picks(budget: int, batch_size: int) -> int:
-    """budget_rounding "floor" at batch granularity: budget // B whole minibatches."""
-    if budget // batch_size < 1:
-        raise ConfigError(f"select_coreset: budget_rounding='floor' keeps budget // batch_size = "
-                          f"{budget} // {batch_size} = 0 minibatches")
-    return budget // batch_size
+def _chunks(minibatches: list[torch.Tensor], chunk_batches: int | None) -> list[list]:
+    """Consecutive chunks of chunk_batches minibatches (the last may be shorter); None: one."""
+    if chunk_batches is None:
+        return [minibatches]
+    return [minibatches[i : i + chunk_batches]
+            for i in range(0, len(minibatches), chunk_batches)]
+
+
+def _chunk_budgets(chunk_images: list[int], chunk_minibatches: list[int], budget: int,
+                   batch_size: int, floor: bool) -> list[tuple[int, int | None]]:
+    """Each chunk's share of the round's budget, as (images, whole minibatches or None).
+
+    Default: the budget in images, split in proportion to the chunks' images by the largest
+    remainder (floor of budget x n_c / N each, then one more image to the chunks with the
+    largest remainders, the earlier chunk first on a tie): the shares add up to exactly the
+    budget and none exceeds its chunk. floor (batch granularity, budget_rounding="floor"):
+    floor(budget x m_c / (B x M)) whole minibatches per chunk (m_c of the M minibatches in
+    chunk c), the released ImageNet code's `int((budget / B) * (len(chunk) / len(loader)))`;
+    with one chunk it is budget // B, the unchunked flooring. Integer arithmetic throughout.
+    """
+    if floor:
+        total = sum(chunk_minibatches)
+        picks = [budget * m // (batch_size * total) for m in chunk_minibatches]
+        if sum(picks) < 1:
+            raise ConfigError(
+                f"select_coreset: budget_rounding='floor' keeps no minibatch: budget // "
+                f"batch_size = {budget} // {batch_size} = {budget // batch_size}, and each of "
+                f"the {len(picks)} chunk(s) floors its share of it to 0 minibatches"
+            )
+        return [(min(budget, n), k) for n, k in zip(chunk_images, picks, strict=True)]
+    pool = sum(chunk_images)
+    quotas = [budget * n for n in chunk_images]
+    shares = [quota // pool for quota in quotas]
+    by_remainder = sorted(range(len(quotas)), key=lambda c: (-(quotas[c] % pool), c))
+    for c in by_remainder[: budget - sum(shares)]:
+        shares[c] += 1
+    return [(share, None) for share in shares]
 
 
 @contextlib.contextmanager
-def _head_restored(layers: list[nn.Linear]) -> Iterator[None]:
+def _head_restored(layers: list[nn.Linear]) -> Iterator[Callable[[], None]]:
     """Inside the block the head may change (the simulated steps); phi0 comes back exactly after
-    it, also on an exception."""
+    it, also on an exception. The block gets the restoring function (to restore phi0 earlier:
+    between chunks)."""
     parameters = [p for layer in layers for p in layer.parameters()]
     phi0 = [p.detach().clone() for p in parameters]
+
+    @torch.no_grad()
+    def restore() -> None:
+        for p, saved in zip(parameters, phi0, strict=True):
+            p.copy_(saved)
+
     try:
-        yield
+        yield restore
     finally:
-        with torch.no_grad():
-            for p, saved in zip(parameters, phi0, strict=True):
-                p.copy_(saved)
+        restore()
 
 
 @torch.no_grad()
@@ -607,60 +750,118 @@ def _minibatches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return chunks
 
 
+def _shuffled_minibatches(pool: torch.Tensor, batch_size: int,
+                          generator: torch.Generator | None) -> list[torch.Tensor]:
+    """The pass's minibatches: the pool shuffled by `generator`, in minibatches of batch_size."""
+    return _minibatches(pool[torch.randperm(pool.numel(), generator=generator)], batch_size)
+
+
+class _Elements(Sequence):
+    """The candidate elements' dataset indices: element e is images[offsets[e]:offsets[e + 1]].
+
+    Two tensors, not one tensor per element (1.3M of them at sample granularity on ImageNet).
+    size: how many images every element holds, when they all hold as many (then an element is
+    found without reading the offsets); None otherwise.
+    """
+
+    def __init__(self, images: torch.Tensor, offsets: torch.Tensor, size: int | None) -> None:
+        self.images, self.offsets, self.size = images, offsets, size
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, e):
+        if isinstance(e, slice):
+            return [self[i] for i in range(*e.indices(len(self)))]
+        e = int(e)
+        if not -len(self) <= e < len(self):
+            raise IndexError(f"element {e} out of range for {len(self)} elements")
+        e %= len(self)
+        if self.size is not None:
+            return self.images[e * self.size : (e + 1) * self.size]
+        start, end = self.offsets[e : e + 2].tolist()
+        return self.images[start:end]
+
+    def __repr__(self) -> str:
+        return f"_Elements({len(self)} elements of {self.images.numel()} images)"
+
+    @staticmethod
+    def concatenate(parts: list[_Elements]) -> _Elements:
+        sizes = {part.size for part in parts}
+        return _Elements(torch.cat([part.images for part in parts]),
+                         _concatenated_offsets([part.offsets for part in parts]),
+                         sizes.pop() if len(sizes) == 1 else None)
+
+
+def _concatenated_offsets(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Offsets [E_k + 1] of consecutive parts as the offsets of their concatenation."""
+    ends = torch.stack([part[-1] for part in parts])  # each part starts at 0
+    bases = torch.cat([ends.new_zeros(1), ends.cumsum(0)[:-1]])
+    return torch.cat([parts[0][:1]] + [part[1:] + base
+                                       for part, base in zip(parts, bases, strict=True)])
+
+
 @dataclass
 class _Candidates:
     """The pass over the pool: per element its projection r_e, its image indices, and its rows
     of the (H, Delta) pairs (element-major) with the factor that makes them its gradient."""
 
-    elements: list[torch.Tensor]
+    elements: _Elements
     projections: torch.Tensor  # R [E, D]
     inputs: list[torch.Tensor]  # H_l [rows, in_l]
     grad_outputs: list[torch.Tensor]  # Delta_l [rows, out_l]
-    offsets: list[int]  # element e owns rows offsets[e]:offsets[e + 1]
-    scales: list[float]
+    offsets: torch.Tensor  # int64 [E + 1] (CPU): element e owns rows offsets[e]:offsets[e + 1]
+    scales: torch.Tensor  # float64 [E] (CPU)
 
     def on_device(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """offsets and scales as tensors on the projections' device (copied once)."""
+        """offsets and scales on the projections' device (copied once)."""
         if not hasattr(self, "_device_copies"):
             device = self.projections.device
-            self._device_copies = (torch.tensor(self.offsets, device=device),
-                                   torch.tensor(self.scales, dtype=torch.float64, device=device))
+            self._device_copies = (self.offsets.to(device), self.scales.to(device))
         return self._device_copies
 
     @staticmethod
     def concatenate(parts: list[_Candidates]) -> _Candidates:
-        """The candidates of several minibatches, in order, as one."""
-        offsets = [0]
-        for part in parts:
-            base = offsets[-1]
-            offsets.extend(base + offset for offset in part.offsets[1:])
+        """The candidates of several minibatches, in order, as one (no Python loop over
+        elements)."""
+        if len(parts) == 1:
+            return parts[0]
         return _Candidates(
-            elements=[element for part in parts for element in part.elements],
+            elements=_Elements.concatenate([part.elements for part in parts]),
             projections=torch.cat([part.projections for part in parts]),
             inputs=[torch.cat(rows) for rows in zip(*(p.inputs for p in parts), strict=True)],
             grad_outputs=[torch.cat(rows)
                           for rows in zip(*(p.grad_outputs for p in parts), strict=True)],
-            offsets=offsets,
-            scales=[scale for part in parts for scale in part.scales],
+            offsets=_concatenated_offsets([part.offsets for part in parts]),
+            scales=torch.cat([part.scales for part in parts]),
         )
 
 
-def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, granularity, eps,
-                         step_size, attack_steps, temperature, strength, interpolation,
-                         generator, attack_generator, autocast_dtype=None,
-                         fold_bn=True, clip_random_start=True,
-                         progress: bool | None = True) -> _Candidates:
-    """Step 1 of the round: one pass over the shuffled pool in augmented minibatches, the
-    adversarial views by PGD, and each element's (H, Delta) rows and projection r_e at phi0."""
-    order = pool[torch.randperm(pool.numel(), generator=generator)]
+def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, generator,
+                         progress: bool | None = True, **options) -> _Candidates:
+    """Step 1 of the round over the whole pool (shuffled by `generator`); see _pass_over."""
+    minibatches = _shuffled_minibatches(pool, batch_size, generator)
+    bar = progress_bar(len(minibatches), "RCS pass over the pool", progress, unit="batch")
+    try:
+        return _pass_over(model, layers, bias, dataset, minibatches, batch_size=batch_size,
+                          generator=generator, bar=bar, **options)
+    finally:
+        bar.close()
+
+
+def _pass_over(model, layers, bias, dataset, minibatches, *, batch_size, granularity, eps,
+               step_size, attack_steps, temperature, strength, interpolation, generator,
+               attack_generator, autocast_dtype=None, fold_bn=True, clip_random_start=True,
+               bar=None) -> _Candidates:
+    """Step 1 of the round on some of the pool's minibatches (all of them, or one chunk): the
+    augmented views, the adversarial views by PGD, and each element's (H, Delta) rows and
+    projection r_e at the current head (phi0)."""
     dtype = _round_dtype(layers)
     loss = functools.partial(_selection_loss, temperature=temperature)
     # The backbone and phi0 do not change during the pass: the mirrors are refreshed once.
     attacked = _on_branch(model, "adv", fold_bn)
     encoder_adv, encoder_nat = (_encoder(model, branch, fold_bn) for branch in ("adv", "normal"))
     parts = []
-    minibatches = _minibatches(order, batch_size)
-    bar = progress_bar(len(minibatches), "RCS pass over the pool", progress, unit="batch")
     for index in minibatches:
         x1, x2, _ = dataset.views(index, strength, generator, interpolation)
         x1, x2 = x1.to(dtype), x2.to(dtype)  # fp32 views; no copy for an fp32 model
@@ -673,8 +874,8 @@ def _candidate_gradients(model, layers, bias, dataset, pool, *, batch_size, gran
         f_nat = _features(encoder_nat, torch.cat([x1, x2]), rows, autocast_dtype)
         h, delta = _pairs_by_image(model, layers, f_adv, f_nat, loss)
         parts.append(_minibatch_candidates(index, h, delta, bias, granularity))
-        bar.update(1)
-    bar.close()
+        if bar is not None:
+            bar.update(1)
     return _Candidates.concatenate(parts)
 
 
@@ -704,15 +905,19 @@ def _minibatch_candidates(index, h, delta, bias, granularity) -> _Candidates:
     """The elements of one minibatch from its image-major rows: at "sample" one per image (its 4
     rows), at "batch" the minibatch itself."""
     b = index.numel()
+    images = index.cpu()
     if granularity == "sample":
         segments = torch.arange(b, device=h[0].device).repeat_interleave(4)
         r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=b)
         # The sample's gradient is on the scale of a one-sample loss (docs/rcs.md section 2).
-        return _Candidates(list(index.cpu().split(1)), r * b, h, delta,
-                           offsets=list(range(0, 4 * b + 1, 4)), scales=[float(b)] * b)
+        return _Candidates(_Elements(images, torch.arange(b + 1), 1), r * b, h, delta,
+                           offsets=torch.arange(0, 4 * b + 1, 4),
+                           scales=torch.full((b,), float(b), dtype=torch.float64))
     segments = torch.zeros(4 * b, dtype=torch.int64, device=h[0].device)
     r = rcs_project(h, delta, "rowmean", bias, segment_ids=segments, num_segments=1)
-    return _Candidates([index.cpu()], r, h, delta, offsets=[0, 4 * b], scales=[1.0])
+    return _Candidates(_Elements(images, torch.tensor([0, b]), b), r, h, delta,
+                       offsets=torch.tensor([0, 4 * b]),
+                       scales=torch.ones(1, dtype=torch.float64))
 
 
 def _element_gradient(candidates: _Candidates, element: int | torch.Tensor, bias):
@@ -724,13 +929,14 @@ def _element_gradient(candidates: _Candidates, element: int | torch.Tensor, bias
     if isinstance(element, torch.Tensor):
         # index_select, not t[element]: indexing by a 0-d tensor would read it back.
         offsets, scales = candidates.on_device()
-        count = candidates.offsets[1] - candidates.offsets[0]
+        count = 4 * candidates.elements.size  # every image owns 4 rows (_pairs_by_image)
         rows = (offsets.index_select(0, element.view(1))
                 + torch.arange(count, device=element.device))
         scale = scales.index_select(0, element.view(1)).reshape(())  # 0-d: no type promotion
     else:
-        rows = slice(candidates.offsets[element], candidates.offsets[element + 1])
-        scale = candidates.scales[element]
+        start, end = candidates.offsets[element : element + 2].tolist()
+        rows = slice(start, end)
+        scale = float(candidates.scales[element])
     grads = []
     for h, delta, has_bias in zip(candidates.inputs, candidates.grad_outputs, bias, strict=True):
         d = delta[rows] * scale

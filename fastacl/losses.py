@@ -86,6 +86,7 @@ class ACLLoss(nn.Module):
         lambda1, lambda2: >= 0, the weights of SIR and AIR.
         temperature: t of NT-Xent and of the SIR / AIR batch softmaxes.
         form: "exact" | "reference-code", the SIR / AIR form (see fastacl.ops.sir).
+        scale: a factor on the total (0.5: the released DynACL code, which halves it).
         gather_distributed: under torch.distributed, gather the five embedding sets of every
             rank (one differentiable all-gather) and compute every term on the global batch:
             NT-Xent over all ranks' negatives, and SIR / AIR batch softmaxes over the global
@@ -102,6 +103,7 @@ class ACLLoss(nn.Module):
         temperature: float = 0.5,
         form: str = "exact",
         gather_distributed: bool = False,
+        scale: float = 1.0,
     ):
         super().__init__()
         self.gather_distributed = gather_distributed
@@ -110,6 +112,7 @@ class ACLLoss(nn.Module):
         self.lambda2 = lambda2
         self.temperature = check_temperature("ACLLoss", temperature)
         self.form = check_form("ACLLoss", form)
+        self.scale = _check_weight("scale", scale, 0.0, None)
 
     # Validated on every assignment, so that a per-epoch DynACL update cannot set a bad value.
     @property
@@ -166,6 +169,8 @@ class ACLLoss(nn.Module):
         if self.lambda2 > 0:
             air = ops.air(z1, z2, z_orig, z1_adv, z2_adv, temperature=t, form=self.form)
             total = total + self.lambda2 * air
+        if self.scale != 1.0:
+            total = self.scale * total
         return ACLLossResult(
             total=total,
             natural=natural.detach(),
@@ -178,5 +183,5 @@ class ACLLoss(nn.Module):
         return (
             f"weight_w={self.weight_w}, lambda1={self.lambda1}, lambda2={self.lambda2}, "
             f"temperature={self.temperature}, form={self.form!r}, "
-            f"gather_distributed={self.gather_distributed}"
+            f"scale={self.scale}, gather_distributed={self.gather_distributed}"
         )

@@ -44,6 +44,12 @@ def check_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for bf16 / fp16 / fp32 (what autocast hands back), float64 kept: losses are never
+    computed below fp32, and a float64 model's stay float64 (the float64 reference tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DataParallel / DistributedDataParallel / torch.compile wrappers.
 

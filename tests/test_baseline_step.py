@@ -89,9 +89,11 @@ def test_published_pgd_matches_fastacl_attack(clip_random_start):
     assert model.training  # the published loop puts the model back in train mode
 
 
-def test_baseline_step_matches_train_step():
-    cfg = _cfg()
-    assert (cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.air_form) == (0.5, 0.5, "exact")
+@pytest.mark.parametrize("fidelity, form", [("released", "reference-code"),
+                                            ("corrected", "exact")])
+def test_baseline_step_matches_train_step(fidelity, form):
+    cfg = _cfg(fidelity=fidelity)
+    assert (cfg.loss.lambda1, cfg.loss.lambda2, cfg.loss.air_form) == (0.5, 0.5, form)
     x_orig, x1, x2 = _views()
     fast_model = _tiny_model().train()
     plain_model = copy.deepcopy(fast_model)
@@ -112,7 +114,11 @@ def test_baseline_step_matches_train_step():
         # head.fc1.bias feeds a train-mode BN, so its true gradient is 0 and what autograd
         # returns is rounding noise; LARS rescales that noise to eta * lr * ||w||, so the two
         # sides move it by the same amount in different directions. Bounded, not 1e-5.
-        tol = 1e-2 if name == "head.fc1.bias" else TOL
+        # The released setting's unclipped start puts the first forward's inputs outside
+        # [0, 1]; the two sides' fp32 rounding then drifts further (5.8e-5 measured on the adv
+        # BN biases, 1e-6 with the start clipped). tests/test_fidelity.py pins the released
+        # computation in float64, to 1e-12.
+        tol = 1e-2 if name == "head.fc1.bias" else (TOL if fidelity == "corrected" else 2e-4)
         assert relative_error(plain_state[name], value) < tol, name
     # the published attack leaves parameter grads behind; the optimizer step consumed them
     assert all(p.requires_grad for p in plain_model.parameters())

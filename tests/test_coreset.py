@@ -2,7 +2,9 @@
 validation split, the gradients RCS projects, the greedy order, the random baseline, bad input,
 and resumable coreset runs."""
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import fastacl.coreset as coreset
 from fastacl import pretrain
 from fastacl.config import TrainConfig
 from fastacl.coreset import (
+    _chunk_budgets,
     _element_gradient,
     _head_pairs,
     _validation_projection,
@@ -152,6 +155,130 @@ def test_published_flooring_takes_whole_minibatches(dataset):
                                             for e in selection.picks)
 
 
+# ---- chunks of minibatches (the authors' ImageNet recipe) ---------------------------------------
+# The pool of 88 images is 6 minibatches of 16 (the last of 8); chunks of 2 are 32, 32, 24 images.
+
+@pytest.mark.parametrize(
+    "granularity, refresh, rounding",
+    [("sample", "cached", "truncate"), ("batch", "exact", "truncate"),
+     ("batch", "cached", "floor")],
+)
+def test_one_chunk_is_the_unchunked_round(dataset, granularity, refresh, rounding):
+    options = dict(granularity=granularity, refresh=refresh, refresh_every=3,
+                   budget_rounding=rounding)
+    fraction = 0.4 if rounding == "floor" else 0.2
+    model = _model()
+    pool, validation = validation_split(N_IMAGES, seed=0)
+
+    def select(**chunking):
+        return select_coreset(model, dataset, pool, validation, fraction, batch_size=BATCH,
+                              eps=0.15, step_size=0.05, attack_steps=1,
+                              generator=torch.Generator().manual_seed(0),
+                              attack_generator=torch.Generator().manual_seed(0),
+                              **options, **chunking)
+
+    unchunked = select()
+    for chunk_batches in (6, 1000):  # every minibatch in one chunk
+        chunked = select(chunk_batches=chunk_batches)
+        assert chunked.details["chunk_elements"] == [len(unchunked.elements)]
+        assert chunked.picks == unchunked.picks
+        assert torch.equal(chunked.indices, unchunked.indices)
+        assert torch.equal(chunked.initial_gains, unchunked.initial_gains)
+        assert list(chunked.elements) and all(
+            torch.equal(a, b) for a, b in zip(chunked.elements, unchunked.elements, strict=True))
+
+
+def test_chunk_budgets_add_up_to_the_budget():
+    # Largest remainder: 18 x (32, 32, 24) / 88 = 6.55, 6.55, 4.91 -> 6, 6, 4 and the two
+    # leftover images to the largest remainders (chunk 3, then chunk 1 before chunk 2).
+    assert _chunk_budgets([32, 32, 24], [2, 2, 2], 18, 16, floor=False) == [
+        (7, None), (6, None), (5, None)]
+    assert _chunk_budgets([88], [6], 18, 16, floor=False) == [(18, None)]  # one chunk: all
+    # No share exceeds its chunk, even for a budget of most of the pool.
+    # 8 x (2, 2, 2, 3) / 9 = 1.78, 1.78, 1.78, 2.67 -> 1, 1, 1, 2 + one each to the first three.
+    assert _chunk_budgets([2, 2, 2, 3], [1, 1, 1, 1], 8, 2, floor=False) == [(2, None)] * 4
+    # ImageNet-1K at k = 0.05 in chunks of 100 minibatches of 512: 1,281,167 images are 2,503
+    # minibatches (the last of 143), 25 chunks of 51,200 images and one of 1,167.
+    images, minibatches = [51_200] * 25 + [1_167], [100] * 25 + [3]
+    budget = coreset_budget(0.05, 1_281_167)
+    truncated = _chunk_budgets(images, minibatches, budget, 512, floor=False)
+    assert budget == 64_058 and sum(s for s, _ in truncated) == budget
+    assert {s for s, _ in truncated[:25]} == {2_560} and truncated[25] == (58, None)
+    # The release's flooring, int((budget / B) * (len(chunk) / len(loader))): 4 minibatches per
+    # chunk and none from the last, 100 x 512 = 51,200 images (4.0% instead of 5%).
+    floored = _chunk_budgets(images, minibatches, budget, 512, floor=True)
+    assert [k for _, k in floored] == [4] * 25 + [0]
+    assert _chunk_budgets([88], [6], 35, 16, floor=True) == [(35, 2)]  # unchunked: 35 // 16
+    with pytest.raises(ValueError, match="keeps no minibatch"):
+        _chunk_budgets([32, 32, 24], [2, 2, 2], 18, 16, floor=True)
+
+
+@pytest.mark.parametrize("granularity", ["sample", "batch"])
+def test_chunked_round_picks_each_chunk_share_within_the_chunk(dataset, granularity):
+    model = _model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool, validation, selection = _select(model, dataset, granularity=granularity,
+                                          refresh="cached", refresh_every=3, chunk_batches=2)
+    details = selection.details
+    sizes = [32, 32, 24] if granularity == "sample" else [2, 2, 2]
+    assert details["chunks"] == 3 and details["chunk_elements"] == sizes
+    assert details["chunk_images"] == [7, 6, 5]  # the largest-remainder shares of 18
+    assert details["chunk_picks"] == ([7, 6, 5] if granularity == "sample" else [1, 1, 1])
+    indices = selection.indices
+    assert indices.numel() == selection.budget == 18 and indices.unique().numel() == 18
+    assert torch.isin(indices, pool).all() and not torch.isin(indices, validation).any()
+    base, first, taken = 0, 0, 0
+    for count, picks, added in zip(sizes, details["chunk_picks"], details["chunk_images"],
+                                   strict=True):
+        these = selection.picks[first : first + picks]
+        assert all(base <= e < base + count for e in these)  # picks stay in their chunk
+        chunk_images = torch.cat(list(selection.elements[base : base + count]))
+        assert torch.isin(indices[taken : taken + added], chunk_images).all()
+        # Every chunk starts from phi0 and v0: its first pick is its best initial gain.
+        assert these[0] == base + int(selection.initial_gains[base : base + count].argmax())
+        base, first, taken = base + count, first + picks, taken + added
+    # The head comes back exactly, after every chunk and at the end.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_each_chunk_starts_from_phi0_and_v0_and_holds_only_its_pairs(dataset, monkeypatch):
+    """Every chunk's pass runs at phi0 and its greedy starts from v0 (the head and U's attack
+    at phi0 restored after the previous chunk's simulated steps and re-attacks); memory scales
+    with the chunk: each pass sees only its minibatches, and the previous chunk's candidates
+    (pairs and projections) are freed before the next pass."""
+    model = _model()
+    phi0 = [p.detach().clone() for p in model.head.parameters()]
+    real_pass, real_greedy, passes, greedy_starts = coreset._pass_over, coreset._greedy, [], []
+
+    def pass_spy(model, layers, bias, dataset, minibatches, **kwargs):
+        gc.collect()
+        assert all(ref() is None for _, ref in passes)  # the previous chunks are gone
+        assert all(torch.equal(p, q) for p, q in zip(model.head.parameters(), phi0, strict=True))
+        candidates = real_pass(model, layers, bias, dataset, minibatches, **kwargs)
+        passes.append((len(minibatches), weakref.ref(candidates)))
+        return candidates
+
+    def greedy_spy(candidates, rd, v, *args, **kwargs):
+        greedy_starts.append(torch.equal(rd.projection(), v))  # v0 is v at the restored state
+        return real_greedy(candidates, rd, v, *args, **kwargs)
+
+    monkeypatch.setattr(coreset, "_pass_over", pass_spy)
+    monkeypatch.setattr(coreset, "_greedy", greedy_spy)
+    _, _, selection = _select(model, dataset, granularity="sample", refresh="cached",
+                              refresh_every=3, chunk_batches=2)
+    assert [n for n, _ in passes] == [2, 2, 2]
+    assert greedy_starts == [True, True, True]
+    assert selection.details["validation_attacks"] == 1 + 2 + 1 + 1  # picks 3 and 6 re-attack
+    assert len(selection.elements) == 88 and selection.initial_gains.shape == (88,)
+
+
+@pytest.mark.parametrize("chunk_batches", [0, -1, 2.5, True, "100"])
+def test_bad_chunk_batches_is_refused(dataset, chunk_batches):
+    with pytest.raises(ValueError, match="chunk_batches must be None .* or a number of "
+                                         "minibatches >= 1"):
+        _select(_model(), dataset, chunk_batches=chunk_batches)
+
+
 def test_projections_are_the_rowmean_of_the_true_head_gradients():
     """The hooks' (H, Delta) pairs give the autograd gradient of the ACL and RD losses with
     respect to every head Linear layer, and rcs_project of them is its row mean."""
@@ -210,8 +337,9 @@ def test_sample_gradients_average_to_the_minibatch_gradient(dataset):
             attack_generator=torch.Generator().manual_seed(0), **common)
     batch, sample = results["batch"], results["sample"]
     assert len(batch.elements) == 2 and len(sample.elements) == 32
-    assert batch.offsets == [0, 4 * BATCH, 8 * BATCH]  # each element owns its images' 4 rows
-    assert sample.offsets == list(range(0, 4 * 32 + 1, 4))
+    # each element owns its images' 4 rows
+    assert batch.offsets.tolist() == [0, 4 * BATCH, 8 * BATCH]
+    assert sample.offsets.tolist() == list(range(0, 4 * 32 + 1, 4))
     for e, element in enumerate(batch.elements):
         members = [i for i, s in enumerate(sample.elements) if torch.isin(s, element).all()]
         assert len(members) == BATCH

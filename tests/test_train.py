@@ -280,3 +280,64 @@ def test_resume_fills_fields_an_older_checkpoint_lacks(tmp_path):
     # A bf16 run keeps its bf16 attack; the rest takes today's defaults.
     assert (cfg.speed.attack_precision, cfg.speed.fold_bn, cfg.speed.precision) == (
         "bf16", True, "bf16")
+
+
+def test_model_names_match_the_registry():
+    from fastacl.config import MODELS
+    from fastacl.models import MODEL_PRESETS
+
+    assert set(MODELS) == set(MODEL_PRESETS)
+
+
+def test_rcs_imagenet32_preset_resolves_and_runs(tmp_path, capsys):
+    """RCS's ImageNet recipe: printed by the dry run on the real file format, then a few steps of
+    it (a small model, 2 epochs, its selection path: chunks, softmax-KL, a 1-step attack on U)."""
+    from fastacl import cli
+    from tests.synthetic import make_imagenet32
+
+    make_imagenet32(tmp_path, n=12)
+    args = ["train", "--preset", "rcs-imagenet32", "--dataset", "imagenet32", "--data-dir",
+            str(tmp_path), "--dry-run"]
+    assert cli.main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["model"]["name"] == "wrn-28-10" and printed["optim"]["epochs"] == 200
+    c = printed["coreset"]
+    assert (c["method"], c["fraction"], c["warmup"], c["interval"], c["divergence"],
+            c["rd_steps"], c["validation"], c["chunk_batches"]) == (
+        "rcs", 0.05, 20, 10, "softmax-kl", 1, 0.005, 100)
+    result = fastacl.train(preset="rcs-imagenet32", dataset="imagenet32", data_dir=str(tmp_path),
+                           model="resnet18-small", epochs=2, coreset_warmup=1, batch_size=16,
+                           attack_steps=1, coreset_fraction=0.5, coreset_validation=0.1,
+                           coreset_chunk_batches=3, evaluate=False,
+                           out_dir=str(tmp_path / "run"))
+    lines = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    # 6 minibatches of 16 in 2 chunks of 3, each with half of the budget (27 images) floored
+    assert lines[1]["coreset_size"] == 32
+
+
+class _UserEncoder(torch.nn.Module):
+    """A user's own encoder: images in [0, 1] -> 12 features, BatchNorm and LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 12, 3, stride=2)
+        self.bn = torch.nn.BatchNorm2d(12)
+        self.norm = torch.nn.LayerNorm(12)
+
+    def forward(self, x):
+        return self.norm(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_train_accepts_a_users_module_and_resumes_with_it(tmp_path):
+    encoder = _UserEncoder()
+    common = dict(method="acl", epochs=2, **TINY)
+    stopped = fastacl.train(model=encoder, out_dir=str(tmp_path / "run"),
+                            on_step=lambda epoch, step, terms: (epoch, step) == (2, 0), **common)
+    assert stopped.summary == {"interrupted": True}
+    checkpoint = load_checkpoint(stopped.checkpoint)
+    assert checkpoint["model_spec"] is None  # evaluate says how to rebuild a user module
+    assert any(".adv." in key for key in checkpoint["state_dict"])  # its norms made dual
+    with pytest.raises(ValueError, match="pass it"):
+        fastacl.train(resume=tmp_path / "run")
+    resumed = fastacl.train(resume=tmp_path / "run", model=encoder)
+    assert resumed.checkpoint.is_file() and "interrupted" not in resumed.summary

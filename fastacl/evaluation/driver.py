@@ -5,7 +5,8 @@ The driver reads in four steps: check the arguments and fill in what the checkpo
 `check_corruptions`), run each mode on a fresh copy of the weights under its own seeds
 (`_run_mode`), and record what was run beside the numbers (`_record`, `_describe`). Everything a
 user can get wrong (an option, a file) fails in the first two steps, before any fine-tuning, with
-a fastacl.errors error naming it.
+a fastacl.errors error naming it. With `save`, each fine-tuned classifier is written as it is
+tested (fastacl.export.save_classifier), loadable with fastacl.load_classifier.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from fastacl.evaluation.protocols import (
     subset_indices,
 )
 from fastacl.evaluation.robustness import test_network
-from fastacl.utils import check_choice, check_device, versions
+from fastacl.export import save_classifier, sha256_file
+from fastacl.utils import check_choice, check_device, unwrap, versions
 
 __all__ = ["evaluate"]
 
@@ -76,6 +78,7 @@ class _Plan:
     batch_size: int
     device: torch.device
     progress: bool | None
+    save: Path | None = None
 
 
 @dataclass
@@ -88,6 +91,11 @@ class _Data:
     test_labels: torch.Tensor
     test_subset: torch.Tensor
     num_classes: int
+
+
+# The classes of the datasets with a fixed label set: the head has one output per class even
+# when a (test or training) split holds no image of some class. imagefolder: its sub-folders.
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10, "imagenet32": 1000, "mnist5k": 10}
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -176,6 +184,19 @@ def _attack_budget(eps: float | None, pretrained: Pretrained) -> tuple[float, st
     return _check_eps(eps), eps_source
 
 
+def _check_save(save: str | os.PathLike | None) -> Path | None:
+    """The folder the fine-tuned classifiers go to (created before any fine-tuning)."""
+    if save is None:
+        return None
+    if isinstance(save, bool) or not isinstance(save, (str, os.PathLike)):
+        raise ConfigError(f"save must be a folder path, got {save!r}")
+    folder = Path(save).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"save={str(folder)!r} is a file: pass a folder for the fine-tuned "
+                          "classifiers (<mode>.safetensors + <mode>.json)")
+    return folder
+
+
 def _corruption_folder(corruptions: bool | str, dataset: str,
                        data_dir: str | os.PathLike | None) -> Path | None:
     folder = find_corruptions(dataset, data_dir) if corruptions else None
@@ -223,7 +244,8 @@ def _load_data(dataset: str, data_dir: str | os.PathLike | None, max_test: int |
         raise ConfigError(f"{dataset}: fine-tuning needs labelled train and test splits")
     labelled = train_labels >= 0  # STL-10 "train+unlabeled" marks unlabelled images with -1
     train_images, train_labels = train_images[labelled], train_labels[labelled]
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = max(NUM_CLASSES.get(dataset, 0),
+                      int(max(train_labels.max(), test_labels.max())) + 1)
     test_subset = subset_indices(test_images.shape[0], max_test)
     return _Data(train_images=train_images.to(device), train_labels=train_labels.to(device),
                  test_images=test_images[test_subset].to(device),
@@ -282,8 +304,9 @@ def _describe(mode: str, settings: FinetuneSettings, branch: str, plan: _Plan,
 
 
 def _run_mode(mode: str, model: nn.Module, branch: str, plan: _Plan, data: _Data
-              ) -> dict[str, Any]:
-    """Fine-tune a fresh copy of `model` by `mode`'s protocol, then test it through "adv"."""
+              ) -> tuple[dict[str, Any], nn.Module]:
+    """Fine-tune a fresh copy of `model` by `mode`'s protocol, then test it through "adv";
+    (the mode's record, the fine-tuned network)."""
     start = time.perf_counter()
     seed = mode_seed(plan.seed, mode)
     settings = finetune_settings(mode, plan.method, plan.dataset, plan.preset, plan.epochs,
@@ -315,7 +338,29 @@ def _run_mode(mode: str, model: nn.Module, branch: str, plan: _Plan, data: _Data
             ("standard", "standard_accuracy"), ("PGD-20", "pgd20_accuracy"),
             ("AutoAttack", "autoattack_accuracy")) if key in out)
         + f" ({out['seconds']:.0f} s)", flush=True)
-    return out
+    return out, network
+
+
+def _keep(mode: str, network: nn.Module, branch: str, out: dict[str, Any], plan: _Plan,
+          pretrained: Pretrained, result: dict[str, Any], source_sha256: str | None) -> Path:
+    """Save the fine-tuned network of `mode` in plan.save with what its evaluation measured;
+    AFF keeps the adv branch, the one it was tested through."""
+    metrics = ("standard_accuracy", "pgd20_accuracy", "autoattack_accuracy")
+    accuracies = {key: out[key] for key in metrics if key in out}
+    if "corruptions" in out:
+        accuracies["corruptions_mean"] = out["corruptions"].get("mean")
+    return save_classifier(
+        network, plan.save / f"{mode}.safetensors", mode=mode,
+        branch="adv" if mode == "aff" else branch, backbone=unwrap(pretrained.model).spec,
+        dataset=plan.dataset, num_classes=result["num_classes"], eps=plan.eps,
+        accuracies=accuracies, test_images=result["test_images"],
+        **({"autoattack": result["autoattack"]} if "autoattack" in result else {}),
+        settings=out["settings"],
+        pretrained={"checkpoint": (str(pretrained.path.resolve()) if pretrained.path is not None
+                                   else None), "sha256": source_sha256,
+                    "kind": pretrained.source, "method": result["method"],
+                    "dataset": pretrained.dataset, "eps": pretrained.eps,
+                    "post_process": "post_process" in result})
 
 
 # ---- the record --------------------------------------------------------------------------------
@@ -326,6 +371,7 @@ def _record(pretrained: Pretrained, plan: _Plan, data: _Data) -> dict[str, Any]:
         "checkpoint": str(pretrained.path) if pretrained.path is not None else "<dict>",
         "checkpoint_source": pretrained.source,
         "method": plan.method, "dataset": plan.dataset, "preset": plan.preset,
+        "pretrained_dataset": pretrained.dataset,  # differs from dataset in a transfer
         "encoder_branch": pretrained.encoder_branch, "eps": plan.eps,
         "eps_source": plan.eps_source, "num_classes": data.num_classes,
         "test_images": int(data.test_labels.shape[0]),
@@ -374,6 +420,7 @@ def evaluate(
     batch_size: int = 256,
     device: str = "auto",
     progress: bool | None = None,
+    save: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Fine-tune and test a pre-trained encoder by the SLF / ALF / AFF protocols.
 
@@ -383,7 +430,8 @@ def evaluate(
         checkpoint: a fastacl checkpoint (fastacl.train's checkpoint.pt, its run directory
             or the loaded dict) or a published ACL / DynACL / AIR checkpoint (path; needs
             `dataset`).
-        dataset: the downstream dataset (default: the one the checkpoint was trained on).
+        dataset: the downstream dataset, on which every mode fine-tunes and tests (default:
+            the one the checkpoint was trained on; another one is a transfer evaluation).
         modes, attacks: subsets of MODES and ATTACKS, as a sequence or "slf,alf".
         max_test: test on a fixed random subset of this many test images (the same subset for
             every seed and mode); None: the whole test split.
@@ -404,6 +452,9 @@ def evaluate(
         batch_size: test / attack batch size. device: "auto" | "cpu" | "cuda[:N]".
         progress: progress display (default: a bar when stderr is a terminal, else a line
             every 30 s, as in a log; False: none).
+        save: a folder; each mode's fine-tuned classifier is written there as
+            <mode>.safetensors + <mode>.json (docs/export.md), its path recorded as the mode's
+            "saved"; fastacl.load_classifier(path) loads it (AFF: the adv branch).
 
     Returns:
         {"modes": {mode: {"standard_accuracy", "pgd20_accuracy", "autoattack_accuracy" (those
@@ -423,18 +474,25 @@ def evaluate(
         modes, attacks, corruptions, dataset=dataset, preset=preset, method=method, eps=eps,
         max_test=max_test, max_train=max_train, epochs=epochs, batch_size=batch_size)
     device = check_device(device)
+    save = _check_save(save)
     # Building models draws from the global RNG: the caller's state is restored afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         pretrained = load_pretrained(checkpoint)
     plan = _plan(pretrained, attacks, dataset, data_dir, preset, eps, method, corruptions,
                  autoattack_version, autoattack_attacks, seed=seed, epochs=epochs,
-                 max_train=max_train, batch_size=batch_size, device=device, progress=progress)
+                 max_train=max_train, batch_size=batch_size, device=device, progress=progress,
+                 save=save)
     data = _load_data(plan.dataset, data_dir, max_test, device)
     _check_fits(pretrained, plan.dataset, data)
     if plan.corruption_folder is not None:
         check_corruptions(plan.corruption_folder, data.test_subset)
     model = pretrained.model.to(device).eval()
     result = _record(pretrained, plan, data)
+    source_sha256 = None
+    if save is not None:  # an unwritable folder fails here, before any fine-tuning
+        save.mkdir(parents=True, exist_ok=True)
+        source_sha256 = (sha256_file(pretrained.path) if pretrained.path is not None
+                         else None)
     if post_process:
         model, result["post_process"] = _post_process(model, plan, data)
         result["method"] = f"{plan.method or 'unknown'}++"
@@ -443,6 +501,10 @@ def evaluate(
     result["modes"] = {}
     for mode in modes:
         with seeded(seed, mode, device):
-            result["modes"][mode] = _run_mode(mode, model, branch, plan, data)
+            out, network = _run_mode(mode, model, branch, plan, data)
+        if save is not None:
+            out["saved"] = str(_keep(mode, network, branch, out, plan, pretrained, result,
+                                     source_sha256))
+        result["modes"][mode] = out
     result["seconds"] = time.perf_counter() - start
     return result

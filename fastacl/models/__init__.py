@@ -1,6 +1,8 @@
-"""Models: ResNet-18 with dual batch norm, projection head, BN converter, checkpoints.
+"""Models: backbones with dual batch norm, projection head, BN converter, checkpoints.
 
     model = fastacl.models.build_model("resnet18")            # paper model, dual BN
+    model = fastacl.models.build_model("wrn-28-10")           # any name in MODEL_PRESETS
+    model = fastacl.models.contrastive_model(my_encoder)      # a user's encoder, norms made dual
     z_adv = model(x_adv, branch="adv")                        # projection through the adv BNs
     h = model(x, branch="normal", return_features=True)       # 512-d backbone features
     encoder = fastacl.models.encoder_from_branch(model, "adv")  # single-BN copy for downstream
@@ -18,6 +20,7 @@ from fastacl.models.checkpoint import (
     load_state_dict_strict,
     save_checkpoint,
 )
+from fastacl.models.contrastive import ContrastiveModel, contrastive_model
 from fastacl.models.dual_bn import (
     BRANCHES,
     Branch,
@@ -43,22 +46,26 @@ from fastacl.models.published import (
     export_published_state_dict,
     import_published_state_dict,
 )
+from fastacl.models.registry import MODEL_BUILDERS, MODEL_PRESETS, build_model, model_arguments
 from fastacl.models.resnet import (
-    MODEL_PRESETS,
     ContrastiveResNet18,
     ProjectionHead,
     ResNet18Backbone,
-    build_model,
     resnet18_acl,
 )
+from fastacl.models.resnets import ResNetBackbone, resnet34_acl, resnet50_acl
+from fastacl.models.vit import ViTBackbone, vit_acl
+from fastacl.models.wrn import WideResNetBackbone, wide_resnet_acl
 
 __all__ = [
     "BRANCHES",
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
+    "MODEL_BUILDERS",
     "MODEL_PRESETS",
     "Branch",
     "CheckpointError",
+    "ContrastiveModel",
     "ContrastiveResNet18",
     "DualBatchNorm",
     "DualBatchNorm1d",
@@ -71,13 +78,17 @@ __all__ = [
     "DualSyncBatchNorm",
     "ProjectionHead",
     "ResNet18Backbone",
+    "ResNetBackbone",
     "StateDictMismatchError",
+    "ViTBackbone",
+    "WideResNetBackbone",
     "bn_branch",
     "build_model",
     "build_model_from_checkpoint",
     "build_model_from_published",
     "check_branch",
     "check_weights_only_safe",
+    "contrastive_model",
     "convert_to_dual_bn",
     "dual_bn_modules",
     "dual_norm_modules",
@@ -87,6 +98,11 @@ __all__ = [
     "import_published_state_dict",
     "load_checkpoint",
     "load_state_dict_strict",
+    "model_arguments",
     "resnet18_acl",
+    "resnet34_acl",
+    "resnet50_acl",
     "save_checkpoint",
+    "vit_acl",
+    "wide_resnet_acl",
 ]

@@ -45,7 +45,7 @@ from torch import nn
 
 import fastacl
 from fastacl.errors import BadFileError, MissingFileError
-from fastacl.models.resnet import build_model
+from fastacl.models.registry import build_model
 from fastacl.utils import unwrap
 
 __all__ = [

@@ -13,14 +13,17 @@ pass over every activation): after bf16 convolutions, BN and elementwise ops wer
 the step (benchmarks/RESULTS.md, "Where the time goes"). The result equals the unfolded
 eval-mode forward up to float rounding (tests/test_folded.py).
 
-``FoldedResNet18(model, branch)`` is a weight-free mirror of a ``ContrastiveResNet18``: its
-folded weights are buffers, filled from the model by ``refresh(model)``. Training changes the
-weights every step, so the trainer refreshes before each attack (about one elementwise pass over
-the weights, a few milliseconds for the paper model on a CPU). The buffers are updated in
-place, so a ``torch.compile`` of the folded model (and CUDA graphs captured from it) keeps
-reading the current weights without recompiling. It holds no reference to the model.
+``FoldedResNet18(model, branch)`` is a weight-free mirror of a ``ContrastiveResNet18`` (or of
+fastacl's ResNet-34: the same BasicBlocks, 3-4-6-3): its folded weights are buffers, filled from the
+model by ``refresh(model)``. Training changes the weights every step, so the trainer refreshes
+before each attack (about one elementwise pass over the weights, a few milliseconds for the paper
+model on a CPU). The buffers are updated in place, so a ``torch.compile`` of the folded model (and
+CUDA graphs captured from it) keeps reading the current weights without recompiling. It holds no
+reference to the model.
 
-Only our own ResNet-18 is folded (``can_fold``); attacks on any other module run it as it is.
+Only our own BasicBlock ResNets (resnet18, resnet18-small, resnet34) are folded (``can_fold``);
+attacks on any other module (ResNet-50; the WideResNets, whose pre-activation BNs normalise
+residual sums that no convolution precedes; the ViTs; a user's module) run it as it is.
 """
 
 from __future__ import annotations
@@ -32,14 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastacl.models.contrastive import ContrastiveModel, ProjectionHead
 from fastacl.models.dual_bn import DualBatchNorm, check_branch
-from fastacl.models.resnet import (
-    BasicBlock,
-    ContrastiveResNet18,
-    ProjectionHead,
-    ResNet18Backbone,
-    Shortcut,
-)
+from fastacl.models.resnets import BasicBlock, ResNetBackbone, Shortcut
 
 __all__ = ["FoldedResNet18", "bn_scale_shift", "can_fold", "folded_for_attack"]
 
@@ -65,19 +63,29 @@ def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, t
     return scale, shift
 
 
-def _blocks(backbone: ResNet18Backbone) -> list[BasicBlock]:
+def _blocks(backbone: ResNetBackbone) -> list[BasicBlock]:
     return [block for stage in (backbone.layer1, backbone.layer2, backbone.layer3,
                                 backbone.layer4) for block in stage]
 
 
 def can_fold(model: nn.Module) -> bool:
-    """True for the ResNet-18 that fastacl builds (subclasses that change a forward excluded)."""
-    return (isinstance(model, ContrastiveResNet18)
-            and type(model).forward is ContrastiveResNet18.forward
-            and type(model.backbone).forward is ResNet18Backbone.forward
-            and type(model.head).forward is ProjectionHead.forward
-            and all(type(m).forward is BasicBlock.forward for m in model.backbone.modules()
-                    if isinstance(m, BasicBlock)))
+    """True for the BasicBlock ResNets that fastacl builds (ResNet-18 and ResNet-34: a
+    ContrastiveModel with a ResNetBackbone of BasicBlocks and the ProjectionHead); False for any
+    other model, and for subclasses that change a forward."""
+    if not (isinstance(model, ContrastiveModel)
+            and type(model).forward is ContrastiveModel.forward):
+        return False
+    backbone, head = model.backbone, model.head
+    return (isinstance(backbone, ResNetBackbone)
+            and type(backbone).forward is ResNetBackbone.forward
+            and isinstance(head, ProjectionHead) and type(head).forward is ProjectionHead.forward
+            and all(isinstance(block, BasicBlock) and type(block).forward is BasicBlock.forward
+                    for block in _blocks(backbone)))
+
+
+def _backbone_named(model: nn.Module) -> str:
+    backbone = getattr(model, "backbone", None)
+    return f" with a {type(backbone).__name__}" if isinstance(backbone, nn.Module) else ""
 
 
 class _FoldedLayer(nn.Module):
@@ -132,12 +140,13 @@ class FoldedResNet18(nn.Module):
     after the model's weights or statistics change. ``forward(x)`` gives z = g(f(x)),
     ``features(x)`` gives h = f(x). No parameters: gradients flow to the input only."""
 
-    def __init__(self, model: ContrastiveResNet18, branch: str) -> None:
+    def __init__(self, model: ContrastiveModel, branch: str) -> None:
         super().__init__()
         if not can_fold(model):
             raise ValueError(
-                f"FoldedResNet18 mirrors fastacl's ContrastiveResNet18, got {type(model).__name__}"
-                " (attacks run other models unfolded)"
+                "FoldedResNet18 mirrors fastacl's ContrastiveResNet18 (or its ResNet-34), got "
+                f"{type(model).__name__}{_backbone_named(model)} (attacks run other models "
+                "unfolded)"
             )
         self.branch = check_branch(branch)
         backbone = model.backbone
@@ -155,13 +164,13 @@ class FoldedResNet18(nn.Module):
         self.compiled: dict = {}
         self.refresh(model)
 
-    def matches(self, model: ContrastiveResNet18) -> bool:
+    def matches(self, model: ContrastiveModel) -> bool:
         """Whether the buffers still fit ``model`` (device, dtype, memory format unchanged)."""
         ours, theirs = self.stem.weight, model.backbone.conv1.weight
         return (ours.device == theirs.device and ours.dtype == theirs.dtype
                 and ours.stride() == theirs.stride())
 
-    def refresh(self, model: ContrastiveResNet18) -> FoldedResNet18:
+    def refresh(self, model: ContrastiveModel) -> FoldedResNet18:
         """Copy ``model``'s current weights and BN statistics in, folded (in place)."""
         backbone, head, branch = model.backbone, model.head, self.branch
         self.normalize.load_state_dict(backbone.normalize.state_dict())  # copies in place
@@ -191,7 +200,7 @@ class FoldedResNet18(nn.Module):
 _FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def folded_for_attack(model: ContrastiveResNet18, branch: str = "adv") -> FoldedResNet18:
+def folded_for_attack(model: ContrastiveModel, branch: str = "adv") -> FoldedResNet18:
     """``model``'s folded mirror on ``branch``, refreshed from its current weights.
 
     Built once per (model, branch) and refreshed in place on every call, so a compiled mirror

@@ -2,19 +2,21 @@
 
 Their pre-training code (ACL: VITA-Group/Adversarial-Contrastive-Learning; DynACL:
 PKU-ML/DYNACL; AIR and RCS: GodXuxilie/Enhancing_ACL_via_AIR, Efficient_ACL_via_RCS) builds a
-torchvision-style ResNet-18 from ``models/resnet_multi_bn.py`` with ``bn_names=['normal', 'pgd']``
-and replaces its ``fc`` by ``proj_head``. Each BN is ``batch_norm_multiple``, whose
-``bn_list`` ModuleList holds one BN per name, so ``bn_list.0`` is the natural ("normal") branch
-and ``bn_list.1`` the adversarial ("pgd", our "adv") branch. The state dict layout we assume,
-with B = ``bn_list.{0,1}.{weight,bias,running_mean,running_var,num_batches_tracked}``:
+torchvision-style ResNet-18 (AIR and RCS also ResNet-34 and ResNet-50) from
+``models/resnet_multi_bn.py`` with ``bn_names=['normal', 'pgd']`` and replaces its ``fc`` by
+``proj_head``. Each BN is ``batch_norm_multiple``, whose ``bn_list`` ModuleList holds one BN per
+name, so ``bn_list.0`` is the natural ("normal") branch and ``bn_list.1`` the adversarial ("pgd",
+our "adv") branch. The state dict layout we assume, with
+B = ``bn_list.{0,1}.{weight,bias,running_mean,running_var,num_batches_tracked}``:
 
     normalize.mean, normalize.std                      [3] ImageNet mean / std buffers
     conv1.weight                                       stem conv
     bn1.B                                              stem BN
-    layer{1-4}.{0,1}.conv{1,2}.weight                  BasicBlock convs
-    layer{1-4}.{0,1}.bn{1,2}.B                         BasicBlock BNs
-    layer{2-4}.0.downsample.conv.weight                shortcut 1x1 conv
-    layer{2-4}.0.downsample.bn.B                       shortcut BN
+    layer{1-4}.{k}.conv{1,2}.weight                    BasicBlock convs (k = block in the stage)
+    layer{1-4}.{k}.bn{1,2}.B                           BasicBlock BNs
+    layer{1-4}.{k}.conv3.weight, layer{1-4}.{k}.bn3.B  Bottleneck's third conv and BN (ResNet-50)
+    layer{2-4}.0.downsample.conv.weight                shortcut 1x1 conv (ResNet-50: also
+    layer{2-4}.0.downsample.bn.B                       shortcut BN         layer1.0's)
     fc.fc1.weight, fc.fc1.bias, fc.fc{2,3}.weight      projection head linears
     fc.bn{1,2,3}.B                                     projection head BNs (BatchNorm1d)
 
@@ -24,6 +26,11 @@ for ``downsample.conv`` / ``downsample.bn`` (the kuangliu CIFAR ResNet naming so
 ``head.`` or ``projector.`` for the head's ``fc.`` prefix. Anything else (a third BN branch
 ``bn_list.2``, single-BN ``bn_list.weight``, a classifier ``fc.weight``, ...) raises ValueError
 listing the keys. Export writes the canonical layout above (no prefix, ``downsample``, ``fc.``).
+
+The blocks per stage (2-2-2-2: ResNet-18, 3-4-6-3: ResNet-34, or ResNet-50 with conv3) say which
+model it is; their ResNet-34 / 50 compute exactly what fastacl's resnet34 / resnet50 compute (the
+head as theirs, feature_dim -> feature_dim). Their WideResNet (RCS' ImageNet-32 WRN-28-10) is
+not covered: its two-layer head and its bn_names=['pgd', 'normal'] order are another layout.
 
 Our layout, for comparison: ``backbone.`` + the same backbone names with ``shortcut.conv`` /
 ``shortcut.bn`` for ``downsample.conv`` / ``downsample.bn``, ``head.`` for ``fc.``, and
@@ -40,7 +47,7 @@ from typing import Any
 import torch
 
 from fastacl.models.checkpoint import load_state_dict_strict
-from fastacl.models.resnet import build_model
+from fastacl.models.registry import build_model
 
 __all__ = [
     "EXPORT_RULES",
@@ -48,6 +55,7 @@ __all__ = [
     "build_model_from_published",
     "export_published_state_dict",
     "import_published_state_dict",
+    "published_architecture",
 ]
 
 _BN_TENSOR = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -62,8 +70,8 @@ IMPORT_RULES: list[tuple[str, str]] = [
     (r"normalize\.(mean|std)", r"backbone.normalize.\1"),
     (r"conv1\.weight", r"backbone.conv1.weight"),
     (rf"bn1\.{_BRANCH_TENSOR}", r"backbone.bn1.\1"),
-    (r"layer([1-4])\.([01])\.(conv[12])\.weight", r"backbone.layer\1.\2.\3.weight"),
-    (rf"layer([1-4])\.([01])\.(bn[12])\.{_BRANCH_TENSOR}", r"backbone.layer\1.\2.\3.\4"),
+    (r"layer([1-4])\.(\d+)\.(conv[123])\.weight", r"backbone.layer\1.\2.\3.weight"),
+    (rf"layer([1-4])\.(\d+)\.(bn[123])\.{_BRANCH_TENSOR}", r"backbone.layer\1.\2.\3.\4"),
     (r"layer([1-4])\.0\.(?:downsample\.conv|shortcut\.0)\.weight",
      r"backbone.layer\1.0.shortcut.conv.weight"),
     (rf"layer([1-4])\.0\.(?:downsample\.bn|shortcut\.1)\.{_BRANCH_TENSOR}",
@@ -78,8 +86,8 @@ EXPORT_RULES: list[tuple[str, str]] = [
     (r"backbone\.normalize\.(mean|std)", r"normalize.\1"),
     (r"backbone\.conv1\.weight", r"conv1.weight"),
     (rf"backbone\.bn1\.{_BRANCH_TENSOR}", r"bn1.\1"),
-    (r"backbone\.layer([1-4])\.([01])\.(conv[12])\.weight", r"layer\1.\2.\3.weight"),
-    (rf"backbone\.layer([1-4])\.([01])\.(bn[12])\.{_BRANCH_TENSOR}", r"layer\1.\2.\3.\4"),
+    (r"backbone\.layer([1-4])\.(\d+)\.(conv[123])\.weight", r"layer\1.\2.\3.weight"),
+    (rf"backbone\.layer([1-4])\.(\d+)\.(bn[123])\.{_BRANCH_TENSOR}", r"layer\1.\2.\3.\4"),
     (r"backbone\.layer([1-4])\.0\.shortcut\.conv\.weight", r"layer\1.0.downsample.conv.weight"),
     (rf"backbone\.layer([1-4])\.0\.shortcut\.bn\.{_BRANCH_TENSOR}",
      r"layer\1.0.downsample.bn.\2"),
@@ -132,9 +140,9 @@ def import_published_state_dict(state_dict: dict[str, Any]) -> OrderedDict[str, 
     """Rename a published ACL / DynACL / AIR / RCS state dict to ours (layout: module docstring).
 
     Accepts the bare state dict or the whole checkpoint dict, with or without 'module.'
-    prefixes. The result loads strictly into ``resnet18_acl(...)`` (dual BN) of the matching
-    size. Raises ValueError listing every key that no rule covers, and any two keys that would
-    land on the same name. The tensors are not copied.
+    prefixes. The result loads strictly into the dual-BN ``build_model("resnet18" | "resnet34" |
+    "resnet50", ...)`` of the matching size. Raises ValueError listing every key that no rule
+    covers, and any two keys that would land on the same name. The tensors are not copied.
     """
     renamed: OrderedDict[str, torch.Tensor] = OrderedDict()
     unknown, duplicates = [], []
@@ -157,13 +165,13 @@ def import_published_state_dict(state_dict: dict[str, Any]) -> OrderedDict[str, 
             + (f"; keys mapping to an already imported name: {duplicates}" if duplicates
                else "")
             + ". The layout assumed is documented in fastacl/models/published.py (dual BN with "
-            "bn_names=['normal', 'pgd'], ResNet-18, proj_head as fc)"
+            "bn_names=['normal', 'pgd'], ResNet-18 / 34 / 50, proj_head as fc)"
         )
     return renamed
 
 
 def export_published_state_dict(state_dict: dict[str, Any]) -> OrderedDict[str, torch.Tensor]:
-    """Rename our dual-BN ResNet-18 state dict to the published layout (module docstring).
+    """Rename our dual-BN ResNet-18 / 34 / 50 state dict to the published layout (docstring).
 
     The inverse of import_published_state_dict on its canonical layout. Raises ValueError listing
     keys no rule covers (e.g. a single-BN model: their layout has bn_list.0/1 in every BN).
@@ -182,17 +190,45 @@ def export_published_state_dict(state_dict: dict[str, Any]) -> OrderedDict[str, 
     if unknown:
         raise ValueError(
             f"cannot export to the published layout; keys it has no place for ({len(unknown)}): "
-            f"{unknown}. Only dual-BN resnet18_acl models are exportable"
+            f"{unknown}. Only dual-BN resnet18 / resnet34 / resnet50 models are exportable"
         )
     return renamed
 
 
-def build_model_from_published(state_dict_or_path: dict[str, Any] | str | os.PathLike):
-    """A dual-BN ContrastiveResNet18 holding a published checkpoint's weights (strict load).
+# (blocks per stage, Bottleneck?) -> the registered model with that layout.
+_PUBLISHED_ARCHITECTURES = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+}
+_BLOCK_KEY = re.compile(r"backbone\.layer([1-4])\.(\d+)\.conv1\.weight")
 
-    The architecture is read off the tensors: stem from conv1's kernel (3: "cifar", 7: "stl"),
-    in_channels and width from conv1, head_dim from fc.fc1, mean / std from the normalize
-    buffers. A path is loaded with torch.load(weights_only=True) (never a full unpickle).
+
+def published_architecture(ours: dict[str, torch.Tensor]) -> str:
+    """The registered name ("resnet18" / "resnet34" / "resnet50") of an imported state dict."""
+    blocks = [0, 0, 0, 0]
+    for key in ours:
+        match = _BLOCK_KEY.fullmatch(key)
+        if match is not None:
+            stage = int(match[1]) - 1
+            blocks[stage] = max(blocks[stage], int(match[2]) + 1)
+    bottleneck = any(".conv3." in key for key in ours)
+    layout = (tuple(blocks), bottleneck)
+    if layout not in _PUBLISHED_ARCHITECTURES:
+        raise ValueError(
+            f"the published state dict has {tuple(blocks)} blocks per stage"
+            f"{' (Bottlenecks)' if bottleneck else ''}; fastacl knows ResNet-18 (2, 2, 2, 2), "
+            "ResNet-34 (3, 4, 6, 3) and ResNet-50 (3, 4, 6, 3, Bottlenecks)")
+    return _PUBLISHED_ARCHITECTURES[layout]
+
+
+def build_model_from_published(state_dict_or_path: dict[str, Any] | str | os.PathLike):
+    """A dual-BN ResNet-18 / 34 / 50 holding a published checkpoint's weights (strict load).
+
+    The architecture is read off the tensors: the model from the blocks per stage (and conv3,
+    ResNet-50's), stem from conv1's kernel (3: "cifar", 7: "stl"), in_channels and width from
+    conv1, head_dim from fc.fc1, mean / std from the normalize buffers. A path is loaded with
+    torch.load(weights_only=True) (never a full unpickle).
     """
     source = state_dict_or_path
     if not isinstance(source, dict):
@@ -203,6 +239,7 @@ def build_model_from_published(state_dict_or_path: dict[str, Any] | str | os.Pat
     if absent:
         raise ValueError(f"the published state dict lacks {absent} (after renaming to ours); "
                          "cannot infer the architecture")
+    name = published_architecture(ours)
     conv1 = ours["backbone.conv1.weight"]
     kernel_to_stem = {3: "cifar", 7: "stl"}
     if conv1.shape[-1] not in kernel_to_stem:
@@ -219,6 +256,6 @@ def build_model_from_published(state_dict_or_path: dict[str, Any] | str | os.Pat
         # 7 significant digits: the float32 buffers' precision, so 0.485 stays 0.485 in the spec.
         kwargs["mean"] = [float(f"{v:.7g}") for v in ours["backbone.normalize.mean"].tolist()]
         kwargs["std"] = [float(f"{v:.7g}") for v in ours["backbone.normalize.std"].tolist()]
-    model = build_model("resnet18", **kwargs)
+    model = build_model(name, **kwargs)
     load_state_dict_strict(model, ours)
     return model

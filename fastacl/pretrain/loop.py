@@ -23,7 +23,7 @@ from torch import nn
 
 import fastacl
 from fastacl import coreset, distributed
-from fastacl.config import TrainConfig
+from fastacl.config import USER_MODEL, TrainConfig
 from fastacl.data import (
     DeviceDataset,
     apply_augment,
@@ -33,10 +33,11 @@ from fastacl.data import (
 from fastacl.errors import ConfigError
 from fastacl.evaluation import quick_check
 from fastacl.losses import ACLLoss
-from fastacl.models import build_model
+from fastacl.models import ContrastiveModel, build_model, contrastive_model, model_arguments
 from fastacl.ops import use_backend
 from fastacl.optim import LARS
 from fastacl.pretrain import schedule, state
+from fastacl.pretrain.momentum import MomentumPair
 from fastacl.pretrain.plot import plot_curves
 from fastacl.pretrain.speed import deterministic_mode
 from fastacl.pretrain.step import loss_for, train_step
@@ -62,10 +63,17 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     config: a TrainConfig (None: the defaults); options: TrainConfig options by their flat names
     (`eps`, `attack_steps`, `coreset_fraction`, ...; see fastacl.config), applied on top.
     resume: a run dir; continues from its checkpoint with its saved config.
+    model: a registered name ("resnet18", "wrn-28-10", "vit-tiny", ...) or the user's own
+    nn.Module: an encoder mapping images in [0, 1] to features (fastacl makes its norms dual and
+    adds the projection head: fastacl.models.contrastive_model), or a model that
+    contrastive_model already returned. Pass the module again to resume its run.
     on_step(epoch, step, terms): called after every step; returning True stops the run as Ctrl-C
     does (a checkpoint is written, the run can be resumed). Used by tests and tools.
     """
     checkpoint = run_dir = None
+    user_module = options.pop("model") if isinstance(options.get("model"), nn.Module) else None
+    if user_module is not None:
+        options["model"] = USER_MODEL
     if resume is not None:
         cfg, checkpoint, run_dir = state.load_resume(resume, options)
     else:
@@ -82,7 +90,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         out = (run_dir if resume is not None
                else distributed.on_main_process(lambda: state.prepare_out_dir(cfg)))
         with deterministic_mode(cfg.speed.deterministic):
-            return _run(cfg, out, checkpoint, on_step)
+            return _run(cfg, out, checkpoint, on_step, user_module)
     finally:
         if owns_group:
             distributed.destroy()
@@ -98,6 +106,10 @@ def _check_world_size(cfg: TrainConfig, world_size: int) -> None:
             f"must be a multiple of the world size giving each rank >= 2 images (NT-Xent and BN "
             f"need a batch), e.g. {fit}"
         )
+    if world_size > 1 and cfg.model.momentum_encoder:
+        raise ConfigError(
+            "the momentum encoder (released DynACL) runs in one process for now: under torchrun "
+            "pass --no-momentum-encoder (or --fidelity corrected)")
 
 
 @dataclass
@@ -126,13 +138,27 @@ class _Run:
     def main(self) -> bool:
         return distributed.is_main_process()
 
+    @property
+    def pair(self) -> MomentumPair | None:
+        """DynACL's momentum pair (q, k), if the run has one."""
+        model = unwrap(self.model)
+        return model if isinstance(model, MomentumPair) else None
+
+    @property
+    def kept(self) -> nn.Module:
+        """The encoder the run keeps: the momentum encoder k of a momentum pair."""
+        return self.pair.momentum if self.pair is not None else unwrap(self.model)
+
     def save(self) -> Path:
-        """Write the checkpoint at the current position (collective under DDP)."""
+        """Write the checkpoint at the current position (collective under DDP). Its model is the
+        kept encoder; a momentum pair's online encoder q travels in the train state."""
         ranks = (state.gather_rank_state(self.model, self.attack_generator, self.cfg)
                  if distributed.world_size() > 1 else None)
         if not self.main:
             return self.out / state.CHECKPOINT_NAME
-        return state.write_checkpoint(self.out, self.model, self.cfg, {
+        online = None if self.pair is None else self.pair.online.state_dict()
+        return state.write_checkpoint(self.out, self.kept, self.cfg, {
+            "online_state_dict": online,
             "optimizer": self.optimizer.state_dict(),
             "rng": state.rng_state(self.data_generator, self.attack_generator),
             "epoch": self.epoch, "step": self.step, "sums": _host(self.sums),
@@ -141,8 +167,9 @@ class _Run:
         })
 
 
-def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> TrainResult:
-    run = _setup(cfg, out, checkpoint)
+def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step,
+         user_module: nn.Module | None) -> TrainResult:
+    run = _setup(cfg, out, checkpoint, user_module)
     stop = state.StopRequest(verbose=run.main)
     previous_handler = signal.signal(signal.SIGINT, stop)
     checkpoint_path = out / state.CHECKPOINT_NAME
@@ -161,11 +188,12 @@ def _run(cfg: TrainConfig, out: Path, checkpoint: dict | None, on_step) -> Train
         signal.signal(signal.SIGINT, previous_handler)
     if not run.main:
         return TrainResult(out, checkpoint_path, cfg, {})
-    summary = _finish(cfg, out, unwrap(run.model), checkpoint_path)
+    summary = _finish(cfg, out, run.kept, checkpoint_path)
     return TrainResult(out, checkpoint_path, cfg, summary)
 
 
-def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None) -> _Run:
+def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None,
+           user_module: nn.Module | None) -> _Run:
     """Data, model, optimiser and random streams of a new or resumed run; a new run's
     config.json (written only after the data loaded, so a bad data dir leaves nothing)."""
     rank, world_size = distributed.rank(), distributed.world_size()
@@ -188,14 +216,14 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None) -> _Run:
     data_generator = torch.Generator().manual_seed(state.stream_seed(cfg.seed, "augment"))
     attack_seed = state.stream_seed(cfg.seed, "attack", rank=rank)
     attack_generator = torch.Generator(device).manual_seed(attack_seed)
-    model = build_model(
-        cfg.model.name, in_channels=images.shape[1], dual_bn=cfg.is_adversarial,
-        stem="stl" if images.shape[-1] >= 96 else "cifar",
-    ).to(device)
+    model = _model(cfg, images.shape[1:], user_module).to(device)
+    if cfg.model.momentum_encoder:  # the released DynACL (fastacl.pretrain.momentum)
+        model = MomentumPair(model, cfg.model.momentum)
     if cfg.speed.channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
-    optimizer = LARS(model.parameters(), lr=o.lr, momentum=o.momentum,
+    # A momentum pair's k has no gradient: the optimiser holds q's parameters only.
+    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
                      weight_decay=o.weight_decay, eta=o.lars_eta)
     run = _Run(cfg, out, model, optimizer, loss_for(cfg), dataset, pool, validation,
                steps_per_epoch, data_generator, attack_generator)
@@ -218,6 +246,25 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None) -> _Run:
     return run
 
 
+def _model(cfg: TrainConfig, image_shape: torch.Size, user_module: nn.Module | None) -> nn.Module:
+    """The run's model: a registered one sized for the images, or the user's module."""
+    if cfg.model.name == USER_MODEL:
+        if user_module is None:
+            raise ConfigError("model='user' is the nn.Module passed as fastacl.train(model=module)"
+                              "; pass it (again, to resume its run)")
+        if isinstance(user_module, ContrastiveModel):
+            return user_module
+        return contrastive_model(user_module, dual_bn=cfg.is_adversarial)
+    channels, size = image_shape[0], image_shape[-1]
+    arguments = model_arguments(cfg.model.name)
+    kwargs = {"in_channels": channels, "dual_bn": cfg.is_adversarial}
+    if "stem" in arguments:  # the ImageNet / STL stem (7x7 stride 2 + max-pool) for 96 px up
+        kwargs["stem"] = "stl" if size >= 96 else "cifar"
+    if "image_size" in arguments:  # a ViT's patch grid
+        kwargs["image_size"] = size
+    return build_model(cfg.model.name, **kwargs)
+
+
 def _check_pool(cfg: TrainConfig, n_images: int) -> int:
     """Steps of a full-pool epoch (drop_last: NT-Xent wants full batches)."""
     batch_size = cfg.optim.batch_size
@@ -233,8 +280,10 @@ def _check_pool(cfg: TrainConfig, n_images: int) -> int:
 
 
 def _restore(run: _Run, checkpoint: dict) -> None:
-    run.model.load_state_dict(checkpoint["state_dict"])  # strict
     saved = checkpoint["extra"]["train_state"]
+    run.kept.load_state_dict(checkpoint["state_dict"])  # strict
+    if run.pair is not None:
+        run.pair.online.load_state_dict(saved["online_state_dict"])
     run.optimizer.load_state_dict(saved["optimizer"])
     state.set_rng_state(saved["rng"], run.data_generator, run.attack_generator)
     run.epoch, run.step, run.sums = saved["epoch"], saved["step"], saved["sums"]
@@ -253,7 +302,7 @@ def _train_epoch(run: _Run, stop: state.StopRequest, on_step) -> bool:
     (Ctrl-C or on_step), with `run` at the step to resume from."""
     cfg, epoch = run.cfg, run.epoch
     strength = schedule.augmentation_strength(cfg, epoch)
-    run.loss_fn.weight_w = schedule.dynacl_weight(cfg, strength)
+    run.loss_fn.weight_w = schedule.dynacl_weight(cfg, strength, epoch)
     # The epoch's shuffle depends only on (seed, epoch): a resumed run finds its place.
     shuffle = torch.Generator().manual_seed(state.stream_seed(cfg.seed, "shuffle", epoch))
     if run.step == 0 and schedule.is_selection_epoch(cfg, epoch):  # rank 0 selects for all
@@ -342,8 +391,10 @@ def _select(run: _Run, strength: float) -> dict:
         # Deterministic mode: the PyTorch reference instead of the CUDA kernels' atomics.
         backend = use_backend("torch") if cfg.speed.deterministic else contextlib.nullcontext()
         with backend:
+            # A momentum pair selects with its online encoder q (the one being trained).
+            model = run.pair.online if run.pair is not None else unwrap(run.model)
             indices = coreset.select_coreset(
-                unwrap(run.model), run.dataset, run.pool, run.validation, c.fraction,
+                model, run.dataset, run.pool, run.validation, c.fraction,
                 batch_size=cfg.optim.batch_size, eps=cfg.attack.eps,
                 step_size=cfg.attack.step_size, attack_steps=c.attack_steps,
                 temperature=cfg.loss.temperature, granularity=c.granularity,
@@ -356,7 +407,7 @@ def _select(run: _Run, strength: float) -> dict:
                 generator=torch.Generator().manual_seed(seed),
                 attack_generator=torch.Generator(run.dataset.device).manual_seed(seed),
                 autocast_dtype=torch.bfloat16 if c.precision == "bf16" else None,
-                fold_bn=cfg.speed.fold_bn,
+                fold_bn=cfg.speed.fold_bn, rd_steps=c.rd_steps, chunk_batches=c.chunk_batches,
             ).indices
     return {"indices": indices.cpu(), "coreset_size": int(indices.numel()),
             "selection_seconds": time.perf_counter() - start}

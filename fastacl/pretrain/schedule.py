@@ -5,6 +5,8 @@ docs/acl-air.md sections 1 and 5, docs/rcs.md section 4. Epochs are 1-based, as 
 
 from __future__ import annotations
 
+import math
+
 from fastacl.config import TrainConfig
 from fastacl.data import dynaug_strength
 from fastacl.optim import warmup_cosine_lr
@@ -17,9 +19,18 @@ def augmentation_strength(cfg: TrainConfig, epoch: int) -> float:
     return dynaug_strength(epoch, cfg.optim.epochs, period=cfg.data.dynaug_period)
 
 
-def dynacl_weight(cfg: TrainConfig, strength: float) -> float:
-    """DynACL's w(e) = (2/3)(1 - s(e)): weight moves towards the adversarial term; 0 for ACL."""
-    return (2 / 3) * (1 - strength) if cfg.is_dynamic else 0.0
+def dynacl_weight(cfg: TrainConfig, strength: float, epoch: int) -> float:
+    """DynACL's w(e) = (2/3)(1 - s(e)): weight moves towards the adversarial term; 0 for ACL.
+
+    dynacl_w_timing="released": the DynACL code's w = (2/3) floor(e / K) K / E, which steps one
+    epoch before s(e) does (docs/fidelity.md).
+    """
+    if not cfg.is_dynamic:
+        return 0.0
+    if cfg.loss.w_timing == "released":
+        period, epochs = cfg.data.dynaug_period, cfg.optim.epochs
+        return min((2 / 3) * (epoch // period) * period / epochs, 2 / 3)
+    return (2 / 3) * (1 - strength)
 
 
 def learning_rate(cfg: TrainConfig, iteration: float, steps_per_epoch: int) -> float:
@@ -27,7 +38,17 @@ def learning_rate(cfg: TrainConfig, iteration: float, steps_per_epoch: int) -> f
 
     A coreset epoch has fewer steps than a full-pool one; its steps sweep a whole epoch of the
     schedule, so the iteration may be fractional.
+
+    lr_schedule="epoch": the DynACL code's schedule, stepped once per epoch: epoch e (1-based)
+    trains at lr e / W during the warm-up, then at the cosine's value at (e - 1 - W) / (E - W).
     """
+    o = cfg.optim
+    if o.lr_schedule == "epoch":
+        e = int(iteration // steps_per_epoch)  # 0-based epoch
+        if e < o.warmup_epochs:
+            return o.lr * (e + 1) / o.warmup_epochs
+        progress = (e - o.warmup_epochs) / max(o.epochs - o.warmup_epochs, 1)
+        return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(progress * math.pi))
     return warmup_cosine_lr(iteration, cfg.optim.epochs * steps_per_epoch,
                             cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.lr,
                             cfg.optim.min_lr)

@@ -191,6 +191,8 @@ def write_checkpoint(out: Path, model: nn.Module, cfg: TrainConfig, train_state:
         attack={"norm": "linf", "eps": cfg.attack.eps, "step_size": cfg.attack.step_size,
                 "steps": cfg.attack.steps},
         dataset=cfg.data.dataset, train_state={"config": cfg.to_dict(), **train_state},
+        # Which encoder the model is: DynACL's momentum encoder k, or the trained one.
+        kept_encoder="momentum" if cfg.model.momentum_encoder else "online",
     )
 
 

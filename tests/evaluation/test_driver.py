@@ -1,19 +1,25 @@
 """fastacl.evaluate (fastacl.evaluation.driver): the protocols end to end on a tiny run."""
 
+import copy
+import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import fastacl
 from fastacl import attacks, utils
+from fastacl.data import load_dataset
 from fastacl.errors import BadFileError, ConfigError
 from fastacl.evaluation import corruptions as corruption_sets
 from fastacl.evaluation import driver, evaluate, fine_tuning, robustness
 from fastacl.models import StateDictMismatchError, export_published_state_dict, save_checkpoint
 from tests.evaluation.test_corruptions import write_corruptions
 from tests.evaluation.tiny import EPS, tiny_model
+from tests.synthetic import make_cifar10, write_cifar_batch
 
 QUICK = dict(epochs=1, attacks=("pgd20",), progress=False)
 
@@ -201,3 +207,87 @@ def test_cli_prints_the_table_and_writes_json(cifar_run, tmp_path, capsys):
     assert "AutoAttack: custom (apgd-ce), l_inf eps" in printed
     assert main(["evaluate", "--checkpoint", str(path), "--modes", "slf,nope"]) == 2
     assert "mode must be one of slf, alf, aff, got 'nope'" in capsys.readouterr().err
+
+
+def test_save_keeps_each_classifier_as_it_was_tested(cifar_run, tmp_path, monkeypatch):
+    """The saved SLF / ALF / AFF classifiers load to the fine-tuned networks' logits, and score
+    the standard accuracy the evaluation recorded on the test split."""
+    root, path = cifar_run
+    tested, save_classifier = {}, driver.save_classifier
+
+    def recording(network, where, **kwargs):
+        tested[kwargs["mode"]] = copy.deepcopy(network)
+        return save_classifier(network, where, **kwargs)
+
+    monkeypatch.setattr(driver, "save_classifier", recording)
+    out = evaluate(path, data_dir=root, modes="slf,alf,aff", max_train=40,
+                   save=tmp_path / "saved", **QUICK)
+    images, labels = load_dataset("cifar10", root, split="test")
+    x = images.float() / 255
+    for mode, result in out["modes"].items():
+        saved = Path(result["saved"])
+        assert saved == tmp_path / "saved" / f"{mode}.safetensors"
+        with torch.no_grad():
+            logits = fastacl.load_classifier(saved)(x)
+            network = tested[mode]
+            expected = network(x, branch="adv") if mode == "aff" else network(x)
+        assert torch.equal(logits, expected)
+        assert (logits.argmax(1) == labels).float().mean().item() == result["standard_accuracy"]
+        card = json.loads(saved.with_suffix(".json").read_text())
+        assert card["accuracies"] == {key: result[key] for key in ("standard_accuracy",
+                                                                   "pgd20_accuracy")}
+        assert (card["mode"], card["branch"], card["dataset"]) == (mode, "adv", "cifar10")
+        assert card["head"] == {"in_features": 32, "num_classes": 10}
+        assert card["settings"] == json.loads(json.dumps(result["settings"]))
+        assert card["pretrained"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert card["pretrained"]["method"] == "acl" and card["eps"] == EPS
+    json.dumps(out)
+
+
+def test_cli_evaluate_save(cifar_run, tmp_path, capsys, monkeypatch):
+    from fastacl.cli import main
+
+    root, path = cifar_run
+    saved = tmp_path / "classifiers"
+    assert main(["evaluate", "--checkpoint", str(path), "--data-dir", str(root), "--modes",
+                 "slf", "--attacks", "pgd20", "--epochs", "1", "--max-test", "4", "--save",
+                 str(saved)]) == 0
+    assert "classifiers saved in" in capsys.readouterr().out
+    assert sorted(p.name for p in saved.iterdir()) == ["slf.json", "slf.safetensors"]
+    monkeypatch.setattr(driver, "finetune", lambda *a, **k: pytest.fail("fine-tuning started"))
+    assert main(["evaluate", "--checkpoint", str(path), "--data-dir", str(root), "--modes",
+                 "slf", "--save", str(path)]) == 2
+    assert "is a file: pass a folder for the fine-tuned classifiers" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def imagenet32_run(tmp_path_factory):
+    """A tiny checkpoint pre-trained "on imagenet32", and synthetic CIFAR-10 / CIFAR-100 in
+    which most of CIFAR-100's classes have no image."""
+    root = tmp_path_factory.mktemp("transfer")
+    make_cifar10(root, n=8)
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    write_cifar_batch(folder / "train", 24, b"fine_labels", 100, seed=3)
+    write_cifar_batch(folder / "test", 8, b"fine_labels", 100, seed=4)
+    path = save_checkpoint(root / "imagenet32.pt", tiny_model(), method="acl",
+                           encoder_branch="adv", attack={"norm": "linf", "eps": EPS},
+                           dataset="imagenet32")
+    return root, path
+
+
+@pytest.mark.parametrize("dataset, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_transfer_fine_tunes_and_tests_on_the_dataset_asked_for(imagenet32_run, tmp_path,
+                                                                 dataset, classes):
+    root, path = imagenet32_run
+    out = evaluate(path, dataset=dataset, data_dir=root, modes="slf,alf,aff",
+                   save=tmp_path, **QUICK)
+    assert (out["dataset"], out["pretrained_dataset"]) == (dataset, "imagenet32")
+    assert out["num_classes"] == classes  # the dataset's, not the labels its files hold
+    assert out["test_images"] == 8 and out["eps_source"] == "checkpoint"
+    x = torch.rand(2, 3, 32, 32)
+    for mode, result in out["modes"].items():
+        classifier = fastacl.load_classifier(result["saved"])
+        assert classifier(x).shape == (2, classes), mode
+        card = json.loads(Path(result["saved"]).with_suffix(".json").read_text())
+        assert (card["dataset"], card["pretrained"]["dataset"]) == (dataset, "imagenet32")

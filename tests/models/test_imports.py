@@ -10,10 +10,15 @@ PACKAGE = Path(fastacl.models.__file__).parent
 # Who imports whom inside fastacl.models (the package's __init__ imports them all).
 LAYERS = {
     "dual_bn": set(),
-    "resnet": {"dual_bn"},
-    "folded": {"dual_bn", "resnet"},
-    "checkpoint": {"resnet"},
-    "published": {"checkpoint", "resnet"},
+    "contrastive": {"dual_bn"},
+    "resnets": {"contrastive", "dual_bn"},
+    "resnet": {"contrastive", "resnets"},
+    "wrn": {"contrastive", "dual_bn", "resnets"},
+    "vit": {"contrastive", "dual_bn"},
+    "registry": {"contrastive", "resnet", "resnets", "vit", "wrn"},
+    "folded": {"contrastive", "dual_bn", "resnets"},
+    "checkpoint": {"registry"},
+    "published": {"checkpoint", "registry"},
 }
 
 

@@ -144,8 +144,8 @@ def test_bad_arguments_name_the_value_and_the_choices():
     with pytest.raises(ValueError, match="in_channels=2"):
         resnet18_acl(in_channels=2)
     assert resnet18_acl(in_channels=2, mean=[0.5, 0.5], std=[0.5, 0.5], width=4, head_dim=8)
-    with pytest.raises(ValueError, match="resnet50.*resnet18"):
-        build_model("resnet50")
+    with pytest.raises(ValueError, match="resnet101.*resnet18"):
+        build_model("resnet101")
     with pytest.raises(ValueError, match=r"\[N, 3, H, W\].*\(2, 1, 8, 8\)"):
         resnet18_acl(width=4, head_dim=8)(torch.rand(2, 1, 8, 8), branch="adv")
 
