@@ -28,8 +28,8 @@ from torch import nn
 
 from fastacl.ops import nt_xent
 from fastacl.ops.pgd_step import check_budget
-from fastacl.utils import progress as progress_bar
 from fastacl.utils import at_least_fp32, unwrap
+from fastacl.utils import progress as progress_bar
 
 # TRADES starts its inner maximisation at x + 0.001 N(0, 1) (Zhang et al. 2019, public code).
 TRADES_START_STD = 0.001

@@ -93,7 +93,8 @@ def fidelity_values(fidelity: str, method: str) -> dict[str, Any]:
         air_form="reference-code", clip_random_start=False,
         interpolation="bilinear" if dynacl_code else "bicubic",
         momentum_encoder=dynacl_code, dynacl_w_timing="released" if dynacl_code else "paper",
-        loss_scale=0.5 if dynacl_code else 1.0, originals_pass=not dynacl_code, lr_schedule="epoch" if dynacl_code else "step",
+        loss_scale=0.5 if dynacl_code else 1.0, originals_pass=not dynacl_code,
+        lr_schedule="epoch" if dynacl_code else "step",
         coreset_simulated_steps=2, coreset_budget_rounding="floor",
         coreset_validation_handling="released-half",
     )

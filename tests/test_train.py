@@ -310,7 +310,8 @@ def test_rcs_imagenet32_preset_resolves_and_runs(tmp_path, capsys):
                            attack_steps=1, coreset_fraction=0.5, coreset_validation=0.1,
                            coreset_chunk_batches=3, evaluate=False,
                            out_dir=str(tmp_path / "run"))
-    lines = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = (result.out_dir / "metrics.jsonl").read_text()
+    lines = [json.loads(line) for line in metrics.splitlines()]
     # 6 minibatches of 16 in 2 chunks of 3, each with half of the budget (27 images) floored
     assert lines[1]["coreset_size"] == 32
 

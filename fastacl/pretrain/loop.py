@@ -223,7 +223,8 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None,
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     # A momentum pair's k has no gradient: the optimiser holds q's parameters only.
-    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=o.lr, momentum=o.momentum,
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = LARS(trainable, lr=o.lr, momentum=o.momentum,
                      weight_decay=o.weight_decay, eta=o.lars_eta)
     run = _Run(cfg, out, model, optimizer, loss_for(cfg), dataset, pool, validation,
                steps_per_epoch, data_generator, attack_generator)
