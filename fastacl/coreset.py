@@ -86,7 +86,7 @@ from fastacl.errors import ConfigError
 from fastacl.models.dual_bn import bn_branch
 from fastacl.models.folded import can_fold, folded_for_attack
 from fastacl.ops import greedy_pick, nt_xent, rcs_project
-from fastacl.utils import check_choice
+from fastacl.utils import at_least_fp32, check_choice
 from fastacl.utils import progress as progress_bar
 
 __all__ = [
@@ -216,12 +216,6 @@ def head_linear_layers(model: nn.Module) -> list[nn.Linear]:
     return layers
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 for bf16 / fp32 (what autocast hands back), float64 kept: the round's precision is
-    the model's, never below fp32."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def _round_dtype(layers: list[nn.Linear]) -> torch.dtype:
     """The dtype the round feeds the model and computes in: the head's, at least fp32."""
     return torch.promote_types(layers[0].weight.dtype, torch.float32)
@@ -229,7 +223,7 @@ def _round_dtype(layers: list[nn.Linear]) -> torch.dtype:
 
 def _head(model: nn.Module, features: torch.Tensor, branch: str) -> torch.Tensor:
     with bn_branch(model, branch):
-        return _at_least_fp32(model.head(features))
+        return at_least_fp32(model.head(features))
 
 
 def _on_branch(model: nn.Module, branch: str, fold_bn: bool) -> nn.Module:
@@ -258,7 +252,7 @@ def _features(encoder, x: torch.Tensor, batch_size: int,
     autocast = torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16,
                               enabled=autocast_dtype is not None)
     with torch.no_grad(), autocast:
-        return torch.cat([_at_least_fp32(encoder(chunk)) for chunk in x.split(batch_size)])
+        return torch.cat([at_least_fp32(encoder(chunk)) for chunk in x.split(batch_size)])
 
 
 def _head_pairs(model, layers, inputs, loss_fn):
@@ -286,8 +280,8 @@ def _head_pairs(model, layers, inputs, loss_fn):
     h, delta, k = [], [], 0
     for layer in layers:
         calls = len(records[layer])
-        h.append(torch.cat([_at_least_fp32(inp) for inp, _ in records[layer]]))
-        delta.append(torch.cat([_at_least_fp32(g) for g in grads[k : k + calls]]))
+        h.append(torch.cat([at_least_fp32(inp) for inp, _ in records[layer]]))
+        delta.append(torch.cat([at_least_fp32(g) for g in grads[k : k + calls]]))
         k += calls
     return loss.detach(), h, delta
 

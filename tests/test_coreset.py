@@ -34,7 +34,9 @@ from tests.conftest import relative_error
 
 N_IMAGES, BATCH = 96, 16
 # A tiny trainer run: 128 demo images (U = 8, pool 120), batches of 16, 1 PGD step.
-TINY = dict(max_train=128, batch_size=16, attack_steps=1, evaluate=False)
+# The corrected setting: an exact budget of round(k N) images (the released one floors it to
+# whole minibatches; tests/test_fidelity.py pins that).
+TINY = dict(max_train=128, batch_size=16, attack_steps=1, evaluate=False, fidelity="corrected")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the CPU is shared

@@ -10,6 +10,7 @@ generator), float64 throughout: losses and gradients agree to 1e-12 relative, at
 """
 
 import copy
+import json
 import math
 
 import pytest
@@ -432,3 +433,15 @@ def test_released_rcs_picks_the_released_minibatches(monkeypatch):
 def nt_xent_ref(a, b, t=T):
     """NT-Xent of two view sets (row k of each a positive pair), from the formula."""
     return released_nt_xent(interleave(a, b), t)
+
+
+def test_released_floored_budget_can_leave_less_than_a_batch(tmp_path):
+    """The released budget floors to whole minibatches, and the pick may be the pool's short last
+    one: the coreset epoch is then one smaller batch, not an empty epoch."""
+    result = fastacl.train(out_dir=str(tmp_path / "run"), epochs=2, coreset="rcs", max_train=128,
+                           batch_size=16, attack_steps=1, evaluate=False)
+    lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
+    second = json.loads(lines[1])
+    # 120-image pool, budget round(0.2 * 120) = 24, floored to 1 minibatch: the 8-image one
+    assert second["coreset_size"] == second["train_images"] == 8
+    assert math.isfinite(second["total"])

@@ -311,8 +311,13 @@ def _train_epoch(run: _Run, stop: state.StopRequest, on_step) -> bool:
         run.subset = run.selection.pop("indices")
     epoch_pool = run.pool if run.subset is None else run.subset
     epoch_steps = epoch_pool.numel() // cfg.optim.batch_size
+    # Full batches only, except for a coreset smaller than one batch (a budget floored to one
+    # minibatch that was the pool's short last one): that epoch is one smaller batch.
+    drop_last = epoch_steps > 0
+    epoch_steps = max(epoch_steps, 1)
     batches = itertools.islice(
-        run.dataset.batches(cfg.optim.batch_size, shuffle, indices=epoch_pool), run.step, None)
+        run.dataset.batches(cfg.optim.batch_size, shuffle, drop_last=drop_last,
+                            indices=epoch_pool), run.step, None)
     bar = progress(epoch_steps, f"epoch {epoch}/{cfg.optim.epochs}", enabled=run.main,
                    initial=run.step)
     run.model.train()
