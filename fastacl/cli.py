@@ -59,8 +59,10 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         text, default = config_field.metadata["help"], config_field.default
         if kind is bool:
+            if default is not None:  # None: the help text says where the default comes from
+                text += f" (default {'on' if default else 'off'})"
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{text} (default {'on' if default else 'off'})")
+                                help=text)
             continue
         if default is not None:
             text += f" (default {default})"
