@@ -172,12 +172,17 @@ def test_cl_baseline_is_single_bn_and_records_the_normal_branch(tmp_path):
 
 
 @pytest.mark.slow
-def test_acl_air_loss_falls_over_a_few_epochs(tmp_path):
+@pytest.mark.parametrize("fidelity, falling", [("corrected", "total"), ("released", "natural")])
+def test_acl_air_loss_falls_over_a_few_epochs(tmp_path, fidelity, falling):
+    """The exact form's total falls. The released form's SIR is close to minus the entropy of a
+    batch softmax (about -log N), which rises as the embeddings sharpen, so its total need not
+    fall in 3 short epochs (measured: 7.504, 7.475, 7.478); its contrastive term does."""
     result = fastacl.train(out_dir=str(tmp_path / "run"), method="acl-air", epochs=3,
-                                 max_train=512, batch_size=64, attack_steps=2, evaluate=False)
+                           max_train=512, batch_size=64, attack_steps=2, evaluate=False,
+                           fidelity=fidelity)
     lines = (result.out_dir / "metrics.jsonl").read_text().splitlines()
-    totals = [json.loads(line)["total"] for line in lines]
-    assert totals[-1] < totals[0] - 0.1, totals
+    values = [json.loads(line)[falling] for line in lines]
+    assert values[-1] < values[0] - 0.1, values
     terms = json.loads(lines[-1])
     assert terms["sir"] != 0 and terms["air"] != 0
 
