@@ -118,7 +118,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     with_corruptions = any("corruptions" in r for r in result["modes"].values())
     if with_corruptions:
         columns.append("corruptions (mean)")
-    print(f"\n{result['method']} checkpoint {result['checkpoint']} -> {result['dataset']}: "
+    method = result["method"] or "published"  # the authors' checkpoints record no method
+    print(f"\n{method} checkpoint {result['checkpoint']} -> {result['dataset']}: "
           f"{result['test_images']} test images, l_inf eps {result['eps']:.4g} "
           f"({result['eps_source']}), preset {result['preset']}")
     print("| mode | " + " | ".join(columns) + " | fine-tuning | seconds |")

@@ -1,5 +1,5 @@
 """Loading the pre-trained model to evaluate: a fastacl checkpoint, or a published ACL / DynACL /
-AIR one, with what it records (method, encoder branch, attack budget, dataset)."""
+AIR / RCS one, with what it records (method, encoder branch, attack budget, dataset)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def _load_published(path: Path, raw: dict) -> Pretrained:
         raise
     except ValueError as error:  # keys outside the documented layout, an unknown stem
         raise CheckpointError(f"{path} has the published checkpoints' bn_list keys but does not "
-                              f"fit their ResNet-18 layout: {error}") from None
+                              f"fit their ResNet or WideResNet layouts: {error}") from None
     return Pretrained(model, None, "adv", None, None, "published", path)
 
 

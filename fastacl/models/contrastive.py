@@ -112,10 +112,18 @@ class Normalize(nn.Module):
 
 
 class ProjectionHead(nn.Module):
-    """The projection head g: 3 linear layers, BN after each, ReLU after the first two."""
+    """The projection head g: ``layers`` linear layers, BN after each, ReLU between them.
 
-    def __init__(self, in_dim: int = 512, head_dim: int = 512, dual_bn: bool = True) -> None:
+    Three layers is the head of the ACL / DynACL / AIR code and of every fastacl model; two
+    (fc1-BN-ReLU-fc2-BN) is the head of the RCS authors' ImageNet-32 WRN-28-10
+    (fastacl/models/published.py), kept so that their checkpoints load.
+    """
+
+    def __init__(self, in_dim: int = 512, head_dim: int = 512, dual_bn: bool = True,
+                 layers: int = 3) -> None:
         super().__init__()
+        if layers not in (2, 3):
+            raise ConfigError(f"the projection head has 2 or 3 linear layers, got {layers!r}")
         _, norm1d = norm_layers(dual_bn)
         self.fc1 = nn.Linear(in_dim, head_dim, bias=True)
         self.bn1 = norm1d(head_dim)
@@ -123,15 +131,19 @@ class ProjectionHead(nn.Module):
         # redundant); fc1 keeps its bias, also as theirs, so published weights load.
         self.fc2 = nn.Linear(head_dim, head_dim, bias=False)
         self.bn2 = norm1d(head_dim)
-        self.fc3 = nn.Linear(head_dim, head_dim, bias=False)
-        self.bn3 = norm1d(head_dim)
+        if layers == 3:
+            self.fc3 = nn.Linear(head_dim, head_dim, bias=False)
+            self.bn3 = norm1d(head_dim)
+        self.layers = layers
         self.out_dim = head_dim
 
     def forward(self, h: torch.Tensor, branch: str | None = None) -> torch.Tensor:
         with bn_branch(self, branch):
             z = F.relu(self.bn1(self.fc1(h)), inplace=True)
-            z = F.relu(self.bn2(self.fc2(z)), inplace=True)
-            return self.bn3(self.fc3(z))
+            z = self.bn2(self.fc2(z))
+            if self.layers == 2:
+                return z
+            return self.bn3(self.fc3(F.relu(z, inplace=True)))
 
 
 class ContrastiveModel(nn.Module):

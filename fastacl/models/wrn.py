@@ -12,8 +12,9 @@ ImageNet-32 with ACL):
 - Kaiming-normal (fan_out, relu) conv init (their normal(0, sqrt(2 / (k k out)))), BN 1 / 0.
 No dropout (RCS and TRADES train with dropRate 0).
 
-The projection head defaults to feature_dim -> feature_dim (640), as RCS' proj_head_module(ch)
-(theirs has two linear layers; fastacl's head has three, as every fastacl model).
+The projection head defaults to feature_dim -> feature_dim (640), as RCS' proj_head_module(ch),
+with three linear layers as every fastacl model; ``head_layers=2`` gives theirs (fc1-BN-ReLU-
+fc2-BN), which their published checkpoints hold.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class WideResNetBackbone(nn.Module):
 def wide_resnet_acl(depth: int = 28, widen_factor: int = 10, stem: str = "cifar",
                     in_channels: int = 3, head_dim: int | None = None, dual_bn: bool = True,
                     mean: Sequence[float] | None = None,
-                    std: Sequence[float] | None = None) -> ContrastiveModel:
+                    std: Sequence[float] | None = None,
+                    head_layers: int = 3) -> ContrastiveModel:
     """WideResNet-depth-widen_factor + projection head (WRN-28-10: 36.5 M backbone parameters).
 
     Args:
@@ -138,17 +140,20 @@ def wide_resnet_acl(depth: int = 28, widen_factor: int = 10, stem: str = "cifar"
         stem: "cifar" (32x32 / 28x28) or "stl" (96x96: 7x7/2 conv + max-pool, fastacl's).
         in_channels, dual_bn, mean, std: as fastacl.models.resnet18_acl.
         head_dim: the projection head's width; None: the feature size (640 for k = 10).
+        head_layers: 3 (fastacl's head) or 2 (the head of RCS' released ImageNet-32 code,
+            which its published checkpoints hold; fastacl/models/published.py).
     """
     if head_dim is not None and head_dim < 1:
         raise ConfigError(f"head_dim must be positive, got {head_dim}")
     mean, std = resolve_normalization(in_channels, mean, std)
     backbone = WideResNetBackbone(depth, widen_factor, stem, in_channels, dual_bn, mean, std)
     head_dim = backbone.feature_dim if head_dim is None else head_dim
-    head = ProjectionHead(backbone.feature_dim, head_dim, dual_bn)
+    head = ProjectionHead(backbone.feature_dim, head_dim, dual_bn, layers=head_layers)
     # A registered name of this builder (build_model sets the one it was called by); the kwargs
     # carry the depth and width, so any WideResNet rebuilds from its spec.
     name = "wrn-34-10" if (depth, widen_factor) == (34, 10) else "wrn-28-10"
     spec: dict[str, Any] = {"name": name, "kwargs": {
         "depth": depth, "widen_factor": widen_factor, "stem": stem, "in_channels": in_channels,
-        "head_dim": head_dim, "dual_bn": dual_bn, "mean": mean, "std": std}}
+        "head_dim": head_dim, "dual_bn": dual_bn, "mean": mean, "std": std,
+        "head_layers": head_layers}}
     return ContrastiveModel(backbone, head, spec)
