@@ -35,8 +35,8 @@ CORESETS = (None, "rcs", "random")
 # Must match fastacl.data.DATASETS / INTERPOLATIONS and fastacl.models.MODEL_PRESETS (tested).
 DATASETS = ("cifar10", "cifar100", "stl10", "imagenet32", "imagefolder", "mnist5k")
 INTERPOLATIONS = ("bicubic", "bilinear")
-MODELS = ("resnet18", "resnet18-small", "resnet34", "resnet50", "wrn-28-10", "wrn-34-10",
-          "vit-tiny", "vit-small")
+MODELS = ("resnet18", "resnet18-small", "resnet34", "resnet50", "wrn-28-10", "wrn-28-10-rcs",
+          "wrn-34-10", "vit-tiny", "vit-small")
 # model="user": the nn.Module passed as fastacl.train(model=module).
 USER_MODEL = "user"
 # RCS choices (fastacl.coreset; docs/rcs.md sections 2-3 and 7).
@@ -73,6 +73,16 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         coreset_chunk_batches=100,
     ),
 }
+
+# What `--fidelity released` adds to a preset for a method whose released code differs from the
+# AIR code's recipe. RCS's ImageNet-32 script (ACL_RCS/ImageNet_32/ACL_RCS.py, docs/fidelity.md):
+# its network (no input normalisation, a two-layer head), NT-Xent at t = 0.1 in the attack, the
+# loss and the selection, LARS lr 0.6, the mean of the two NT-Xent terms, no originals' forward.
+RELEASED_PRESET_VALUES: dict[tuple[str, str], dict[str, Any]] = {
+    ("rcs-imagenet32", "acl"): dict(model="wrn-28-10-rcs", temperature=0.1, lr=0.6,
+                                    loss_scale=0.5, originals_pass=False),
+}
+
 
 # What each fidelity setting gives the options it governs (docs/fidelity.md lists every departure
 # and its source). "released": what the authors' released code computes (the AIR code for ACL,
@@ -125,8 +135,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str | None = option(None, "resnet18 | resnet18-small | resnet34 | resnet50 | "
-                                    "wrn-28-10 | wrn-34-10 | vit-tiny | vit-small (from Python "
-                                    "also an nn.Module: fastacl.train(model=module))",
+                                    "wrn-28-10 | wrn-28-10-rcs | wrn-34-10 | vit-tiny | vit-small "
+                                    "(from Python also an nn.Module: fastacl.train(model=module))",
                               name="model")
     momentum_encoder: bool | None = option(
         None, "DynACL's momentum encoder: view 2 through a momentum copy k of the encoder, "
@@ -151,7 +161,8 @@ class AttackConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = option(0.5, "NT-Xent / SIR / AIR temperature")
+    temperature: float | None = option(None, "NT-Xent / SIR / AIR temperature (default 0.5; "
+                                             "0.1 for released ACL under rcs-imagenet32)")
     lambda1: float | None = option(None, "SIR weight (default 0.5 for the AIR methods, else 0)")
     lambda2: float | None = option(None, "AIR weight (default 0.5 for the AIR methods, else 0)")
     air_form: str | None = option(None, "exact | reference-code (docs/acl-air.md section 6; "
@@ -362,11 +373,15 @@ class TrainConfig:
         preset = self.preset or ("demo" if self.data.dataset in (None, "mnist5k") else "paper")
         check_choice("preset", preset, PRESETS)
         given = self.options()
+        values = dict(PRESET_VALUES[preset])
+        if self.fidelity == "released":
+            values.update(RELEASED_PRESET_VALUES.get((preset, self.method), {}))
         cfg = self.with_options(preset=preset, **{
-            name: value for name, value in PRESET_VALUES[preset].items() if given[name] is None})
+            name: value for name, value in values.items() if given[name] is None})
         _check_positive_int(cfg.optim.epochs, "epochs")
         epochs = cfg.optim.epochs
         defaults = {
+            "temperature": 0.5,
             "attack_precision": cfg.speed.precision,
             "lambda1": METHOD_LAMBDAS[cfg.method], "lambda2": METHOD_LAMBDAS[cfg.method],
             "warmup_epochs": max(1, round(epochs / 100)),

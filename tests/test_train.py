@@ -305,11 +305,28 @@ def test_rcs_imagenet32_preset_resolves_and_runs(tmp_path, capsys):
             str(tmp_path), "--dry-run"]
     assert cli.main(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["model"]["name"] == "wrn-28-10" and printed["optim"]["epochs"] == 200
+    assert printed["optim"]["epochs"] == 200
+    # The released fidelity (the default) is RCS's ImageNet-32 script (docs/fidelity.md).
+    assert printed["model"]["name"] == "wrn-28-10-rcs"
+    assert (printed["loss"]["temperature"], printed["optim"]["lr"], printed["loss"]["scale"],
+            printed["loss"]["originals_pass"]) == (0.1, 0.6, 0.5, False)
     c = printed["coreset"]
     assert (c["method"], c["fraction"], c["warmup"], c["interval"], c["divergence"],
             c["rd_steps"], c["validation"], c["chunk_batches"]) == (
         "rcs", 0.05, 20, 10, "softmax-kl", 1, 0.005, 100)
+    assert cli.main(args + ["--fidelity", "corrected"]) == 0
+    corrected = json.loads(capsys.readouterr().out)
+    assert corrected["model"]["name"] == "wrn-28-10"
+    preset_fields = ("method", "fraction", "warmup", "interval", "divergence", "rd_steps",
+                     "validation", "chunk_batches")
+    assert [corrected["coreset"][k] for k in preset_fields] == [c[k] for k in preset_fields]
+    assert (corrected["loss"]["temperature"], corrected["optim"]["lr"],
+            corrected["loss"]["scale"], corrected["loss"]["originals_pass"]) == (0.5, 5.0, 1.0,
+                                                                                 False)
+    # An explicit option wins over the released script's value.
+    assert cli.main(args + ["--temperature", "0.2", "--model", "wrn-28-10"]) == 0
+    explicit = json.loads(capsys.readouterr().out)
+    assert (explicit["loss"]["temperature"], explicit["model"]["name"]) == (0.2, "wrn-28-10")
     result = fastacl.train(preset="rcs-imagenet32", dataset="imagenet32", data_dir=str(tmp_path),
                            model="resnet18-small", epochs=2, coreset_warmup=1, batch_size=16,
                            attack_steps=1, coreset_fraction=0.5, coreset_validation=0.1,

@@ -71,11 +71,14 @@ def _default_normalization(in_channels: int) -> tuple[tuple[float, ...], tuple[f
 
 def resolve_normalization(in_channels: int, mean: Sequence[float] | None,
                           std: Sequence[float] | None) -> tuple[list[float], list[float]]:
-    """(mean, std) as float lists: the given ones (checked), else the default for the channels."""
+    """(mean, std) as float lists: the given ones (checked; one value is used for every channel),
+    else the default for the channels."""
     if (mean is None) != (std is None):
         raise ConfigError(f"pass both mean and std or neither, got mean={mean}, std={std}")
     if mean is None:
         mean, std = _default_normalization(in_channels)
+    if len(mean) == 1 and len(std) == 1:
+        mean, std = list(mean) * in_channels, list(std) * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise ConfigError(
             f"mean/std need {in_channels} values (in_channels), got mean={tuple(mean)}, "

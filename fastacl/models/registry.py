@@ -15,6 +15,7 @@ rebuilds it.
     resnet34        resnet34_acl     512       512              BasicBlocks 3-4-6-3
     resnet50        resnet50_acl     2048      2048             Bottlenecks 3-4-6-3
     wrn-28-10       wide_resnet_acl  640       640              RCS' ImageNet-32 model
+    wrn-28-10-rcs   wide_resnet_acl  640       640 (2 layers)   the same as RCS' released code
     wrn-34-10       wide_resnet_acl  640       640              TRADES' CIFAR model
     vit-tiny        vit_acl          192       192              ViT-Ti, patch 4, 32 px
     vit-small       vit_acl          384       384              ViT-S, patch 4, 32 px
@@ -44,6 +45,7 @@ MODEL_BUILDERS: dict[str, Callable[..., ContrastiveModel]] = {
     "resnet34": resnet34_acl,
     "resnet50": resnet50_acl,
     "wrn-28-10": wide_resnet_acl,
+    "wrn-28-10-rcs": wide_resnet_acl,
     "wrn-34-10": wide_resnet_acl,
     "vit-tiny": vit_acl,
     "vit-small": vit_acl,
@@ -57,6 +59,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "resnet34": {"width": 64},
     "resnet50": {"width": 64},
     "wrn-28-10": {"depth": 28, "widen_factor": 10},
+    # RCS's released ImageNet-32 network (their checkpoints' layout, fastacl/models/published.py):
+    # no input normalisation (mean 0 / std 1 is the identity) and their two-layer head.
+    "wrn-28-10-rcs": {"depth": 28, "widen_factor": 10, "head_layers": 2, "mean": [0.0],
+                      "std": [1.0]},
     "wrn-34-10": {"depth": 34, "widen_factor": 10},
     # DeiT's ViT-Ti and ViT-S (Touvron et al., 2021, Table 1) at patch 4 for 32x32 images.
     "vit-tiny": {"dim": 192, "depth": 12, "heads": 3, "mlp_dim": 768, "patch_size": 4},
