@@ -73,6 +73,8 @@ from fastacl.models.registry import build_model
 __all__ = [
     "EXPORT_RULES",
     "IMPORT_RULES",
+    "WRN_EXPORT_RULES",
+    "WRN_IMPORT_RULES",
     "build_model_from_published",
     "export_published_state_dict",
     "import_published_state_dict",
@@ -177,7 +179,7 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
 
 
 def _name_branch(key: str, branch_of_index: dict[str, str]) -> str | None:
-    """'x.bn_list.1.weight' -> 'x.adv.weight' (ResNet layout); None for an unknown index."""
+    """'x.bn_list.1.weight' -> 'x.adv.weight' (the ResNets' indices); None for an unknown index."""
     for index in _BN_LIST.findall(key):
         if index not in branch_of_index:
             return None
