@@ -23,7 +23,8 @@ Cases. CPU: ResNet-18-small (width 16, head 128) on the 1x28x28 mnist5k training
 torch.compile of the attack, bf16 + channels_last (pays only on a CPU with AMX /
 AVX512-BF16), and that + compile. GPU (marker gpu): the paper's ResNet-18 on synthetic
 3x32x32, batch 512, fastacl fp32, bf16, bf16 + channels_last, + compile, + compile with CUDA
-graphs ("reduce-overhead"); the baseline is fp32 (with PyTorch's default
+graphs ("reduce-overhead"); every other registered backbone (gpu-<name>-32px) the same way at
+fp32 and bf16 + channels_last; the baseline is fp32 (with PyTorch's default
 cudnn.allow_tf32 = True for both sides). The compile warm-up (tens of seconds) is in the
 untimed warm-up step.
 
@@ -57,7 +58,7 @@ from torch.profiler import record_function
 from fastacl import TrainConfig
 from fastacl.data import DeviceDataset, load_dataset
 from fastacl.errors import ConfigError
-from fastacl.models import build_model
+from fastacl.models import build_model, model_arguments
 from fastacl.optim import LARS
 from fastacl.pretrain import loss_for, train_step
 
@@ -116,11 +117,17 @@ CPU_CASES = (
     Case("cpu-small-mnist", "cpu", "resnet18-small", "mnist5k", 128, 3, _CPU_VARIANTS),
     Case("cpu-resnet18-32px", "cpu", "resnet18", "synthetic", 32, 2, _CPU_VARIANTS),
 )
+# Every other registered backbone at the paper's batch on 3x32x32 (ACL-AIR images/s per backbone,
+# docs/backbones.md): fp32 and bf16 + channels_last against the same baseline. WRN-28-10-rcs
+# computes what WRN-28-10 does and is left out.
+BACKBONES = ("resnet34", "resnet50", "wrn-28-10", "wrn-34-10", "vit-tiny", "vit-small")
 GPU_CASES = (
     Case("gpu-resnet18-32px", "cuda", "resnet18", "synthetic", 512, 5,
          variants=(FP32, Variant("bf16"), Variant("bf16", True),
                    Variant("bf16", True, True, fold_bn=False), Variant("bf16", True, True),
                    Variant("bf16", True, True, "reduce-overhead"))),
+    *(Case(f"gpu-{name}-32px", "cuda", name, "synthetic", 512, 5,
+           variants=(FP32, Variant("bf16", True))) for name in BACKBONES),
 )
 DEFAULT_WORKERS = {"cpu": 2, "cuda": 4}
 CIFAR10_TRAIN_IMAGES = 50_000  # seconds per epoch = this / images per second
@@ -147,9 +154,13 @@ def case_config(case: Case, variant: Variant = FP32) -> TrainConfig:
     ).resolve()
 
 
-def _initial_model(case: Case, in_channels: int):
+def _initial_model(case: Case, in_channels: int, size: int):
     torch.manual_seed(0)
-    return build_model(case.model, in_channels=in_channels, dual_bn=True, stem="cifar")
+    arguments = model_arguments(case.model)
+    kwargs = {"stem": "cifar"} if "stem" in arguments else {}
+    if "image_size" in arguments:  # a ViT's patch grid
+        kwargs["image_size"] = size
+    return build_model(case.model, in_channels=in_channels, dual_bn=True, **kwargs)
 
 
 def _sync(device: torch.device) -> None:
@@ -236,7 +247,7 @@ class BaselineRunner:
 
 def make_runner(implementation: str, case: Case, images: torch.Tensor,
                 variant: Variant = FP32, num_workers: int | None = None):
-    model = _initial_model(case, images.shape[1])
+    model = _initial_model(case, images.shape[1], images.shape[-1])
     if implementation == "fastacl":
         return FastaclRunner(images, model, case_config(case, variant))
     workers = DEFAULT_WORKERS[case.device] if num_workers is None else num_workers

@@ -3,7 +3,8 @@
 # clone (README, Set-up, with a CUDA build of torch):
 #
 #   bash benchmarks/run_gpu.sh            # every stage (about 30 minutes on an H100)
-#   bash benchmarks/run_gpu.sh tests      # only the GPU tests; also: train | ops | profile
+#   bash benchmarks/run_gpu.sh tests      # only the GPU tests; also: train | backbones | ops |
+#                                         # profile
 #
 # Each stage writes its full output to $OUT/<stage>.txt (OUT defaults to gpu-results/) and a
 # line to $OUT/RESULTS.md: stage, exit status, last line. RESULTS.md starts with the device,
@@ -58,6 +59,10 @@ stage() {
         train)  # fastacl's ACL-AIR step against the published-style step, same run
             run bench_train_step "$PY" -m fastacl bench --cases gpu-resnet18-32px \
                 --json "$OUT/bench_train_step.json" ;;
+        backbones)  # ACL-AIR images/s of every other registered backbone, batch 512
+            run bench_backbones "$PY" -m fastacl bench --cases gpu-resnet34-32px \
+                gpu-resnet50-32px gpu-wrn-28-10-32px gpu-wrn-34-10-32px gpu-vit-tiny-32px \
+                gpu-vit-small-32px --json "$OUT/bench_backbones.json" ;;
         ops)  # each op against its plain-PyTorch form, with the fraction of the H100 bound
             run bench_nt_xent "$PY" benchmarks/bench_nt_xent.py
             run bench_sir_air "$PY" benchmarks/bench_sir_air.py
@@ -65,13 +70,13 @@ stage() {
         profile)
             run profile_step "$PY" benchmarks/profile_step.py --case gpu-resnet18-32px ;;
         *)
-            echo "unknown stage $1: tests | train | ops | profile" >&2
+            echo "unknown stage $1: tests | train | backbones | ops | profile" >&2
             exit 2 ;;
     esac
 }
 
 if [ $# -eq 0 ]; then
-    for name in tests train ops profile; do stage "$name"; done
+    for name in tests train backbones ops profile; do stage "$name"; done
 else
     for name in "$@"; do stage "$name"; done
 fi

@@ -133,3 +133,25 @@ def test_per_image_loader_serves_two_views_and_originals():
     assert x1.dtype == torch.float32 and 0 <= x1.min() and x1.max() <= 1
     assert len(loader) == 1  # drop_last: full batches only
     assert not torch.equal(x1, x2)
+
+
+def test_a_backbone_case_of_the_benchmark_runs_both_sides_on_the_cpu():
+    """The per-backbone GPU cases build their model by its registry arguments (a ViT takes the
+    image size, not a stem); one of them, moved to the CPU at batch 4, steps both runners."""
+    import dataclasses
+
+    from benchmarks.bench_train_step import BACKBONES, GPU_CASES, case_images, make_runner
+
+    cases = {case.model: case for case in GPU_CASES}
+    assert set(BACKBONES) < set(cases) and cases["vit-tiny"].batch == 512
+    case = dataclasses.replace(cases["vit-tiny"], device="cpu", batch=4, steps=1)
+    images = case_images(case)
+    for implementation in ("fastacl", "baseline"):
+        runner = make_runner(implementation, case, images, num_workers=0)
+        before = [p.detach().clone() for p in runner.model.parameters()]
+        try:
+            runner.step()
+        finally:
+            runner.close()
+        assert any(not torch.equal(a, p) for a, p in zip(before, runner.model.parameters(),
+                                                         strict=True)), implementation
