@@ -125,6 +125,24 @@ def test_a_published_checkpoint_exports_too(tmp_path):
                                                           return_features=True))
 
 
+def test_rcs_imagenet32_wrn_checkpoint_exports_with_its_pgd_branch(tmp_path):
+    """Their WRN's bn_list.0 is the pgd branch; the shipped encoder takes [0, 1] pixels, as
+    theirs does."""
+    from tests.models.test_published_wrn import their_forward, their_wrn_state_dict, unprefixed
+
+    theirs = their_wrn_state_dict(16, 2)
+    published = tmp_path / "model.pt"
+    torch.save({"epoch": 200, "state_dict": theirs, "optim": {}}, published)
+    out = fastacl.export_encoder(published, tmp_path / "shipped")
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["branch"] == "adv" and card["backbone"]["kwargs"]["head_layers"] == 2
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(fastacl.load_encoder(out)(x),
+                                   their_forward(unprefixed(theirs), x, "pgd", features=True),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_export_errors_name_the_file_and_the_fix(tmp_path, capsys):
     with pytest.raises(MissingFileError, match="nothing.pt does not exist"):
         fastacl.export_encoder(tmp_path / "nothing.pt", tmp_path / "out")
