@@ -48,6 +48,10 @@ VALIDATION_HANDLINGS = ("all", "released-half")
 AIR_FORMS = ("exact", "reference-code")
 W_TIMINGS = ("paper", "released")
 LR_SCHEDULES = ("step", "epoch")
+# LARS is the published optimiser; AdamW is what ViTs train with (docs/backbones.md, ViTs), with
+# its usual base lr and weight decay as the defaults.
+OPTIMIZERS = ("lars", "adamw")
+ADAMW_LR, ADAMW_WEIGHT_DECAY, LARS_WEIGHT_DECAY = 1e-3, 0.05, 1e-6
 
 # Preset values; an explicit value (anything not None) overrides them.
 PRESET_VALUES: dict[str, dict[str, Any]] = {
@@ -180,12 +184,15 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """LARS with linear warm-up and cosine decay (docs/acl-air.md section 5)."""
+    """LARS (or AdamW) with linear warm-up and cosine decay (docs/acl-air.md section 5)."""
 
     epochs: int | None = option(None, "number of epochs E (schedules scale with E)")
     batch_size: int | None = option(None, "global batch size N (2N views)")
-    lr: float | None = option(None, "LARS base learning rate")
-    weight_decay: float = option(1e-6, "LARS weight decay")
+    optimizer: str = option("lars", "lars | adamw: LARS as published, or AdamW (biases, norms "
+                                    "and position embeddings undecayed), for ViTs")
+    lr: float | None = option(None, "base learning rate (default 5.0 for LARS, 1e-3 for AdamW)")
+    weight_decay: float | None = option(None, "weight decay (default 1e-6 for LARS, 0.05 for "
+                                              "AdamW)")
     momentum: float = option(0.9, "LARS momentum")
     lars_eta: float = option(0.001, "LARS trust coefficient")
     min_lr: float = option(1e-6, "learning rate at the end of the cosine")
@@ -374,6 +381,8 @@ class TrainConfig:
         check_choice("preset", preset, PRESETS)
         given = self.options()
         values = dict(PRESET_VALUES[preset])
+        if self.optim.optimizer == "adamw":  # the presets' lr is LARS's
+            values["lr"] = ADAMW_LR
         if self.fidelity == "released":
             values.update(RELEASED_PRESET_VALUES.get((preset, self.method), {}))
         cfg = self.with_options(preset=preset, **{
@@ -382,6 +391,8 @@ class TrainConfig:
         epochs = cfg.optim.epochs
         defaults = {
             "temperature": 0.5,
+            "weight_decay": ADAMW_WEIGHT_DECAY if cfg.optim.optimizer == "adamw"
+            else LARS_WEIGHT_DECAY,
             "attack_precision": cfg.speed.precision,
             "lambda1": METHOD_LAMBDAS[cfg.method], "lambda2": METHOD_LAMBDAS[cfg.method],
             "warmup_epochs": max(1, round(epochs / 100)),
@@ -511,6 +522,7 @@ def _check_optim(cfg: TrainConfig) -> None:
     o = cfg.optim
     _check_positive_int(o.batch_size, "batch_size", minimum=2, why=" (NT-Xent needs negatives)")
     check_choice("lr_schedule", o.lr_schedule, LR_SCHEDULES)
+    check_choice("optimizer", o.optimizer, OPTIMIZERS)
     _check_positive_int(o.warmup_epochs, "warmup_epochs", minimum=0)
     if o.warmup_epochs > o.epochs:
         raise ConfigError(f"warmup_epochs must be <= epochs = {o.epochs}, got {o.warmup_epochs}")

@@ -1,5 +1,5 @@
 """LARS and the per-iteration learning-rate schedule, as the published ACL code runs them
-(docs/acl-air.md section 5)."""
+(docs/acl-air.md section 5), and AdamW for the ViTs (docs/backbones.md)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,29 @@ class LARS(torch.optim.Optimizer):
                 buffers.append(state["momentum_buffer"])
             torch._foreach_sub_(params, buffers)
         return loss
+
+
+def build_optimizer(named_parameters, name: str, lr: float, weight_decay: float,
+                    momentum: float = 0.9, eta: float = 0.001) -> torch.optim.Optimizer:
+    """The run's optimiser over (name, parameter) pairs: "lars" or "adamw".
+
+    LARS treats every tensor alike, as published. AdamW decays only the weight matrices: biases,
+    norm parameters, a ViT's class token and position embedding are left undecayed (DeiT's and
+    MoCo v3's practice). LARS on a ViT collapses its features: the zero-initialised biases (the
+    patch embedding's, the attention projections') take LARS's plain-SGD step for zero-norm
+    tensors, grow past the weights and make every token alike (docs/backbones.md, ViTs).
+    """
+    named = list(named_parameters)
+    if name == "lars":
+        return LARS([p for _, p in named], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                    eta=eta)
+    if name != "adamw":
+        raise ValueError(f"optimizer must be 'lars' or 'adamw', got {name!r}")
+    undecayed = ("cls_token", "pos_embed")
+    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(undecayed)]
+    rest = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(undecayed))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr)
 
 
 def warmup_cosine_lr(iteration: int, total_iterations: int, warmup_iterations: int,

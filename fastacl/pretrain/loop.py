@@ -35,7 +35,7 @@ from fastacl.evaluation import quick_check
 from fastacl.losses import ACLLoss
 from fastacl.models import ContrastiveModel, build_model, contrastive_model, model_arguments
 from fastacl.ops import use_backend
-from fastacl.optim import LARS
+from fastacl.optim import build_optimizer
 from fastacl.pretrain import schedule, state
 from fastacl.pretrain.momentum import MomentumPair
 from fastacl.pretrain.plot import plot_curves
@@ -119,7 +119,7 @@ class _Run:
     cfg: TrainConfig
     out: Path
     model: nn.Module
-    optimizer: LARS
+    optimizer: torch.optim.Optimizer
     loss_fn: ACLLoss
     dataset: DeviceDataset
     pool: torch.Tensor  # the training images' indices, less the validation set U
@@ -223,9 +223,9 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None,
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     # A momentum pair's k has no gradient: the optimiser holds q's parameters only.
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = LARS(trainable, lr=o.lr, momentum=o.momentum,
-                     weight_decay=o.weight_decay, eta=o.lars_eta)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, o.optimizer, lr=o.lr, weight_decay=o.weight_decay,
+                                momentum=o.momentum, eta=o.lars_eta)
     run = _Run(cfg, out, model, optimizer, loss_for(cfg), dataset, pool, validation,
                steps_per_epoch, data_generator, attack_generator)
     if checkpoint is not None:
