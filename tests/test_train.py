@@ -124,8 +124,9 @@ def _parameters(path):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    common = dict(method="acl-air", epochs=2, seed=3, **TINY)
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, optimizer):
+    common = dict(method="acl-air", epochs=2, seed=3, optimizer=optimizer, **TINY)
     full = fastacl.train(out_dir=str(tmp_path / "full"), **common)
 
     # Stop after the first step of epoch 2 (as Ctrl-C does), then resume.
