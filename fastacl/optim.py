@@ -79,11 +79,12 @@ def build_optimizer(named_parameters, name: str, lr: float, weight_decay: float,
                     eta=eta)
     if name != "adamw":
         raise ValueError(f"optimizer must be 'lars' or 'adamw', got {name!r}")
-    undecayed = ("cls_token", "pos_embed")
-    decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(undecayed)]
-    rest = [p for n, p in named if not (p.ndim >= 2 and not n.endswith(undecayed))]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr)
+    def decayed(name: str, p: torch.Tensor) -> bool:  # a weight matrix, not a token
+        return p.ndim >= 2 and not name.endswith(("cls_token", "pos_embed"))
+
+    return torch.optim.AdamW(
+        [{"params": [p for n, p in named if decayed(n, p)], "weight_decay": weight_decay},
+         {"params": [p for n, p in named if not decayed(n, p)], "weight_decay": 0.0}], lr=lr)
 
 
 def warmup_cosine_lr(iteration: int, total_iterations: int, warmup_iterations: int,

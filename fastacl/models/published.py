@@ -179,7 +179,7 @@ def _rename(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
 
 
 def _name_branch(key: str, branch_of_index: dict[str, str]) -> str | None:
-    """'x.bn_list.1.weight' -> 'x.adv.weight' (the ResNets' indices); None for an unknown index."""
+    """'x.bn_list.1.weight' -> 'x.adv.weight' by the layout's indices; None for an unknown one."""
     for index in _BN_LIST.findall(key):
         if index not in branch_of_index:
             return None
@@ -220,12 +220,13 @@ def import_published_state_dict(state_dict: dict[str, Any]) -> OrderedDict[str, 
     every key that no rule covers, and any two keys that would land on the same name. The tensors
     are not copied.
     """
-    stripped = OrderedDict((_strip_data_parallel_prefix(key), (key, tensor))
-                           for key, tensor in _unwrap(state_dict).items())
-    layout = _import_layout(list(stripped))
+    # A list, not a dict: 'module.x' and 'x' in one file must meet as duplicates below.
+    stripped = [(_strip_data_parallel_prefix(key), key, tensor)
+                for key, tensor in _unwrap(state_dict).items()]
+    layout = _import_layout([key for key, _, _ in stripped])
     renamed: OrderedDict[str, torch.Tensor] = OrderedDict()
     unknown, duplicates = [], []
-    for key, (original, tensor) in stripped.items():
+    for key, original, tensor in stripped:
         named = _name_branch(key, layout.branch_of_index)
         ours = None if named is None else _rename(named, layout.import_rules)
         if ours is None:

@@ -179,6 +179,13 @@ def test_keys_outside_their_layout_fail_loudly(extra_key):
         import_published_state_dict(theirs)
 
 
+def test_a_key_with_and_without_the_data_parallel_prefix_is_a_duplicate():
+    theirs = their_wrn_state_dict()  # 'module.' prefixes
+    theirs["conv1.weight"] = theirs["module.conv1.weight"].clone()
+    with pytest.raises(ValueError, match=r"conv1\.weight -> backbone\.conv1\.weight"):
+        import_published_state_dict(theirs)
+
+
 def test_unequal_groups_are_refused():
     theirs = unprefixed(their_wrn_state_dict(16, 1))
     for key in [key for key in theirs if key.startswith("block3.layer.1.")]:
