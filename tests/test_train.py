@@ -365,3 +365,11 @@ def test_train_accepts_a_users_module_and_resumes_with_it(tmp_path):
         fastacl.train(resume=tmp_path / "run")
     resumed = fastacl.train(resume=tmp_path / "run", model=encoder)
     assert resumed.checkpoint.is_file() and "interrupted" not in resumed.summary
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "adamw"])
+def test_training_a_layer_norm_model_with_lars_warns(tmp_path, capsys, optimizer):
+    fastacl.train(model=_UserEncoder(), out_dir=str(tmp_path / "run"), optimizer=optimizer,
+                  method="cl", epochs=1, **TINY)
+    warned = "LARS collapses transformers" in capsys.readouterr().err
+    assert warned == (optimizer == "lars")

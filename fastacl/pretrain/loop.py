@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from fastacl.errors import ConfigError
 from fastacl.evaluation import quick_check
 from fastacl.losses import ACLLoss
 from fastacl.models import ContrastiveModel, build_model, contrastive_model, model_arguments
+from fastacl.models.dual_bn import DualLayerNorm
 from fastacl.ops import use_backend
 from fastacl.optim import build_optimizer
 from fastacl.pretrain import schedule, state
@@ -236,6 +238,10 @@ def _setup(cfg: TrainConfig, out: Path, checkpoint: dict | None,
                            world_size=world_size)
     if run.main:
         print("fastacl: config\n" + json.dumps(cfg.to_dict(), indent=2))
+        if o.optimizer == "lars" and _has_layer_norm(model):
+            print("fastacl: warning: LARS collapses transformers (their zero-initialised biases "
+                  "get plain lr x gradient steps); use --optimizer adamw (docs/backbones.md)",
+                  file=sys.stderr)
     if world_size > 1:
         if cfg.distributed.sync_bn:  # shares the parameters: the optimiser stays valid
             run.model = distributed.convert_sync_batchnorm(run.model, device)
@@ -468,3 +474,8 @@ def _finish(cfg: TrainConfig, out: Path, model: nn.Module, checkpoint_path: Path
               f"{100 * summary['robust_accuracy']:.2f}% ({summary['attack']})")
     print(f"fastacl: run written to {out}")
     return summary
+
+
+def _has_layer_norm(model: nn.Module) -> bool:
+    """A transformer-like model (LayerNorm, plain or dual): LARS collapses it."""
+    return any(isinstance(m, (nn.LayerNorm, DualLayerNorm)) for m in model.modules())
