@@ -9,7 +9,8 @@ contrastive PGD (fastacl.attacks.pgd_contrastive) at the run's eps, for several
 (steps x step size) pairs, each from `--seeds` random starts. A setting whose loss stays far
 below a finer attack's is one the encoder has learned to defeat without being robust: training
 with it teaches gradient masking, not robustness (docs/backbones.md, ViTs). The run's own
-training attack is always included.
+training attack is always included. A DynACL run with a momentum encoder is checked through its
+online encoder alone (both views), not the pair its training attack used.
 """
 
 from __future__ import annotations
@@ -41,23 +42,28 @@ def main(argv=None) -> dict:
                         help="comma-separated STEPSxSTEP_SIZE pairs (pixel units)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=2, help="random starts per setting")
-    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--data-dir", default=None, help="default: the run's")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     checkpoint = load_checkpoint(args.checkpoint)
-    extra = checkpoint["extra"]
-    config = extra["train_state"]["config"]
+    extra = checkpoint.get("extra") or {}
+    if "train_state" not in extra:
+        raise SystemExit(f"{args.checkpoint}: not a fastacl training checkpoint (the check needs "
+                         "the run's attack, loss and data)")
+    config = extra["train_state"]["config"]  # resolved: every default filled in
     attack = extra["attack"]
     branch = "normal" if config["method"] == "cl" else "adv"
-    temperature = config["loss"]["temperature"] or 0.5
+    temperature = config["loss"]["temperature"]
     model = build_model_from_checkpoint(checkpoint).eval()
 
-    images = load_dataset(extra["dataset"], args.data_dir, split="train")[0]
+    data = config["data"]
+    images = load_dataset(data["dataset"], args.data_dir or data["data_dir"], split="train")[0]
     generator = torch.Generator().manual_seed(0)
     batch = torch.randperm(images.shape[0], generator=generator)[: args.batch_size]
-    x1, x2, _ = DeviceDataset(images).views(batch, 1.0, generator)
+    x1, x2, _ = DeviceDataset(images).views(batch, 1.0, generator,
+                                            interpolation=data["interpolation"])
     n = x1.shape[0]
 
     def loss(a: torch.Tensor, b: torch.Tensor) -> float:

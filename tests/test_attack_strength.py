@@ -22,3 +22,12 @@ def test_attack_strength_on_a_tiny_run(tmp_path, capsys):
     for losses in result["attacked"].values():
         assert len(losses) == 2 and all(value > result["clean"] for value in losses)
     assert "| 1 x 0.05 (the run's) |" in capsys.readouterr().out
+
+
+def test_a_checkpoint_without_a_training_run_is_refused(tmp_path):
+    from fastacl.models import save_checkpoint
+    from tests.models.test_backbones import tiny_model
+
+    path = save_checkpoint(tmp_path / "bare.pt", tiny_model("resnet18", 1, 28))
+    with pytest.raises(SystemExit, match="not a fastacl training checkpoint"):
+        main(["--checkpoint", str(path)])
